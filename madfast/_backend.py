@@ -1,0 +1,99 @@
+"""Loads the compiled extension defensively and chooses a backend per call.
+
+Backends: "torch" (the reference), "triton", "cuda" (csrc/cuda), "cpp" (csrc, CPU).
+"auto" picks CUDA extension > Triton > torch on CUDA tensors and C++ > torch on CPU tensors.
+What the extension provides is asked of the dispatcher, so a CPU-only build, a build without
+some op, or no build at all simply narrows the choice.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+
+import torch
+
+__all__ = ["BACKENDS", "BackendUnavailableError", "extension_loaded", "has_kernel", "triton_usable", "choose"]
+
+BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this call."""
+
+
+def _load_extension() -> str | None:
+    try:
+        from madfast import _C  # noqa: F401  (registers the C++/CUDA kernels)
+    except ImportError as e:
+        warnings.warn(
+            f"madfast: the compiled extension madfast._C could not be loaded ({e}); "
+            "the C++/CUDA backends are unavailable and the Triton/torch ones are used.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return str(e)
+    return None
+
+
+_EXTENSION_ERROR = _load_extension()
+
+
+def extension_loaded() -> bool:
+    """True when madfast._C was imported."""
+    return _EXTENSION_ERROR is None
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """True when the dispatcher has a kernel for ``madfast::<op>`` under ``dispatch_key`` ("CPU", "CUDA")."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"madfast::{op}", dispatch_key)
+    except RuntimeError:  # the op's schema was never registered (no extension)
+        return False
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton runs CUDA tensors, and CPU tensors under TRITON_INTERPRET=1."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _why_unavailable(op: str, backend: str, device: torch.device) -> str | None:
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        return None if triton_usable(device) else (
+            "triton is not installed" if importlib.util.find_spec("triton") is None
+            else f"Triton does not run {device.type} tensors (set TRITON_INTERPRET=1 for CPU tensors)"
+        )
+    key = {"cpp": "CPU", "cuda": "CUDA"}[backend]
+    if device.type != key.lower():
+        return f"the {backend} backend runs {key.lower()} tensors, got {device.type} tensors"
+    if not extension_loaded():
+        return f"madfast._C is not built or failed to load ({_EXTENSION_ERROR})"
+    if not has_kernel(op, key):
+        return f"madfast._C was built without a {key} kernel for {op}"
+    return None
+
+
+@torch.compiler.assume_constant_result  # asked once per trace: no graph break under torch.compile
+def choose(op: str, backend: str | None, device: torch.device) -> str:
+    """The backend that runs ``op`` on ``device``: ``backend``, else $MADFAST_BACKEND, else auto."""
+    if backend is None or backend == "auto":
+        backend = os.environ.get("MADFAST_BACKEND", "auto") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
+            if _why_unavailable(op, candidate, device) is None:
+                return candidate
+        return "torch"
+    reason = _why_unavailable(op, backend, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"{op}: backend={backend!r} is unavailable: {reason}")
+    return backend

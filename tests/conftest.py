@@ -1,0 +1,32 @@
+import os
+
+import torch
+
+# Without a GPU, Triton kernels run on CPU tensors in the interpreter; this must be set
+# before triton.jit wraps the kernels, i.e. before madfast is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import madfast  # noqa: E402,F401
+from madfast import _backend  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backends_for(device: str) -> list[str]:
+    """Every backend that should run on ``device``; the compiled ones are asserted present
+    elsewhere (test_build.py), so a missing one here is a skip, not a silent pass."""
+    names = ["torch", "triton", "cpp"] if device == "cpu" else ["torch", "triton", "cuda"]
+    return names
+
+
+def skip_unless_available(op: str, backend: str, device: str) -> None:
+    try:
+        _backend.choose(op, backend, torch.device(device))
+    except _backend.BackendUnavailableError as e:
+        pytest.skip(str(e))
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
