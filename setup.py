@@ -43,8 +43,10 @@ ext = Extension(
     sources,
     include_dirs=nvidia_wheel_includes() if use_cuda else [],
     define_macros=[("MADFAST_PYTHON_MODULE", None)] + ([("MADFAST_WITH_CUDA", None)] if use_cuda else []),
-    extra_compile_args={"cxx": opt, "nvcc": opt + ["-lineinfo"]},  # cpp_extension picks the C++ standard torch needs
-    extra_link_args=["-g"] if debug else [],
+    # -fopenmp: at::parallel_for is an OpenMP pragma in the headers, serial without it.
+    # cpp_extension picks the C++ standard torch needs.
+    extra_compile_args={"cxx": opt + ["-fopenmp"], "nvcc": opt + ["-lineinfo"]},
+    extra_link_args=["-fopenmp"] + (["-g"] if debug else []),
 )
 
 setup(

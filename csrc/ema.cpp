@@ -1,5 +1,7 @@
 // CPU kernel of madfast::ema_update_.
 #include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <torch/library.h>
 
 #include "ema.h"
@@ -7,14 +9,42 @@
 namespace madfast {
 namespace {
 
+// x86-64-v3 (AVX2, FMA, F16C) clone picked at load time, so one binary runs everywhere and
+// the fp16/bf16 conversions vectorize where the CPU allows.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define MADFAST_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define MADFAST_CPU_CLONES
+#endif
+
+template <typename ema_t>
+using acc_weight = at::opmath_type<ema_t>;
+
 template <typename ema_t, typename param_t>
-void ema_flat_cpu(ema_t* ema, const param_t* param, int64_t n, double decay) {
+MADFAST_CPU_CLONES void ema_span(ema_t* __restrict__ ema, const param_t* __restrict__ param, int64_t n,
+                                 acc_weight<ema_t> weight) {
   using acc_t = at::opmath_type<ema_t>;
-  const acc_t weight = static_cast<acc_t>(1.0 - decay);
-  at::parallel_for(0, n, /*grain_size=*/1 << 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const acc_t e = static_cast<acc_t>(ema[i]);
-      ema[i] = static_cast<ema_t>(e + weight * (static_cast<acc_t>(param[i]) - e));
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t e = static_cast<acc_t>(ema[i]);
+    ema[i] = static_cast<ema_t>(e + weight * (static_cast<acc_t>(param[i]) - e));
+  }
+}
+
+// One parallel region per dtype group over the concatenated index space of its tensors
+// (like the CUDA kernel's single launch), so many small tensors cost no per-tensor fork.
+template <typename ema_t, typename param_t>
+void ema_group_cpu(const std::vector<FlatPair>& pairs, double decay) {
+  const acc_weight<ema_t> weight = static_cast<acc_weight<ema_t>>(1.0 - decay);
+  std::vector<int64_t> starts(pairs.size() + 1, 0);  // starts[i]: first global index of tensor i
+  for (size_t i = 0; i < pairs.size(); ++i) starts[i + 1] = starts[i] + pairs[i].ema.numel();
+  at::parallel_for(0, starts.back(), /*grain_size=*/1 << 16, [&](int64_t begin, int64_t end) {
+    size_t t = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
+    for (int64_t i = begin; i < end; ++t) {
+      const int64_t stop = std::min(end, starts[t + 1]);
+      const int64_t offset = i - starts[t];
+      ema_span(pairs[t].ema.template data_ptr<ema_t>() + offset,
+               pairs[t].param.template const_data_ptr<param_t>() + offset, stop - i, weight);
+      i = stop;
     }
   });
 }
@@ -24,15 +54,14 @@ void ema_update_cpu(at::TensorList ema, at::TensorList params, const at::Tensor&
   if (ema.empty()) return;
   TORCH_CHECK_VALUE(ema[0].device().is_cpu(), "ema_update_ (CPU kernel): tensors must be on the CPU");
   const double d = decay.item<double>();  // a CPU tensor here: no device sync
-  for (size_t i = 0; i < ema.size(); ++i) {
-    if (!ema[i].is_floating_point() || ema[i].numel() == 0) continue;
-    FlatPair pair(ema[i], params[i]);
-    dispatch_ema_pair(pair.ema.scalar_type(), pair.param.scalar_type(), [&](auto e_tag, auto p_tag) {
-      using ema_t = typename decltype(e_tag)::type;
-      using param_t = typename decltype(p_tag)::type;
-      ema_flat_cpu(pair.ema.data_ptr<ema_t>(), pair.param.const_data_ptr<param_t>(), pair.ema.numel(), d);
+  for (const auto& group : group_by_dtypes(ema, params)) {
+    std::vector<FlatPair> pairs;
+    pairs.reserve(group.second.size());
+    for (size_t i : group.second) pairs.emplace_back(ema[i], params[i]);
+    dispatch_ema_pair(group.first.first, group.first.second, [&](auto e_tag, auto p_tag) {
+      ema_group_cpu<typename decltype(e_tag)::type, typename decltype(p_tag)::type>(pairs, d);
     });
-    pair.write_back();
+    for (const auto& pair : pairs) pair.write_back();
   }
   copy_non_floating(ema, params);
 }

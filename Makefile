@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` (the main job) and `make test`.
+# Both build a virtual environment in .venv from nothing: torch (the CUDA 13 build, so that
+# the CUDA kernels compile here even without a GPU), the test/bench extras, then madfast
+# itself with its C++/CUDA extension.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.madfast-installed
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
+
+.PHONY: demo test bench install clean
+
+$(STAMP): $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(TORCH_SPEC) ninja cmake
+	$(PY) -m pip install --no-build-isolation -e ".[test,bench]"
+	touch $@
+
+install: $(STAMP)
+
+# Until the trainer lands, the main job is the EMA benchmark (results: benchmarks/results/).
+demo: $(STAMP)
+	mkdir -p benchmarks/results
+	cd benchmarks && ../$(PY) -m pytest bench_ema.py -q -o python_files='bench_*.py' -p no:cacheprovider \
+	  --benchmark-columns=mean,stddev,rounds --benchmark-json=results/latest-ema.json
+
+test: $(STAMP)
+	$(PY) -m pytest tests -ra
+
+bench: demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info madfast/_C*.so

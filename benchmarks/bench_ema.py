@@ -1,0 +1,70 @@
+"""EMA update: per-parameter loop (ModelEmaV2), eager foreach (ModelEmaV3, the baseline),
+torch.compile'd foreach, and each madfast backend; on ResNet-50's parameter list and on one
+flat buffer of the same size. fp32: 12 bytes per parameter (read EMA and param, write EMA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from madfast import _backend
+from madfast.ops import ema_update_
+
+DECAY = 0.999
+RESNET50_PARAMS = 25_557_032
+
+
+def resnet50_shapes() -> list[torch.Size]:
+    try:
+        import torchvision
+        with torch.device("meta"):
+            return [p.shape for p in torchvision.models.resnet50().parameters()]
+    except ImportError:  # keeps the benchmark runnable without torchvision: same size, one tensor
+        return [torch.Size([RESNET50_PARAMS])]
+
+
+WORKLOADS = {"resnet50_params": resnet50_shapes, "flat_25.6M": lambda: [torch.Size([RESNET50_PARAMS])]}
+PROVIDERS = ["copy", "loop", "foreach", "compiled_foreach", "madfast_torch", "madfast_cpp", "madfast_triton",
+             "madfast_cuda"]
+
+
+def make_update(provider: str, ema: list[torch.Tensor], cur: list[torch.Tensor]):
+    if provider == "copy":  # the bandwidth a kernel that moves 8 of our 12 bytes could reach
+        flat_src, flat_dst = torch.cat([c.flatten() for c in cur]), torch.empty(sum(c.numel() for c in cur),
+                                                                                 device=cur[0].device)
+        return lambda: flat_dst.copy_(flat_src)
+    if provider == "loop":
+        def loop():
+            for e, c in zip(ema, cur):
+                e.copy_(DECAY * e + (1.0 - DECAY) * c)
+        return loop
+    if provider == "foreach":
+        return lambda: torch._foreach_lerp_(ema, cur, 1.0 - DECAY)
+    if provider == "compiled_foreach":
+        compiled = torch.compile(lambda e, c: torch._foreach_lerp_(e, c, 1.0 - DECAY))
+        return lambda: compiled(ema, cur)
+    backend = provider.removeprefix("madfast_")
+    return lambda: ema_update_(ema, cur, DECAY, backend=backend)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_ema_update(benchmark, device, request, workload, provider):
+    from conftest import timed
+
+    if provider.startswith("madfast_"):
+        backend = provider.removeprefix("madfast_")
+        try:
+            _backend.choose("ema_update_", backend, device)
+        except _backend.BackendUnavailableError as e:
+            pytest.skip(str(e))
+        if backend == "triton" and device.type == "cpu" and not request.config.getoption("--bench-triton-cpu"):
+            pytest.skip("Triton on CPU is the interpreter; pass --bench-triton-cpu to time it anyway")
+    shapes = WORKLOADS[workload]()
+    g = torch.Generator().manual_seed(0)
+    ema = [torch.randn(s, generator=g).to(device) for s in shapes]
+    cur = [torch.randn(s, generator=g).to(device) for s in shapes]
+    n = sum(e.numel() for e in ema)
+    benchmark.group = f"ema {workload} ({len(shapes)} tensors, {n / 1e6:.1f}M fp32) {device.type}"
+    timed(benchmark, make_update(provider, ema, cur), device,
+          bytes_moved=(8 if provider == "copy" else 12) * n, provider=provider, baseline="foreach")

@@ -1,0 +1,92 @@
+"""Shared benchmark harness: device choice, GPU-synchronised timing, versions in the JSON, and
+ratios against the eager baseline measured in the same run."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # lets `--bench-triton-cpu` time the Triton interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.addoption("--bench-triton-cpu", action="store_true",
+                     help="also time Triton kernels in the CPU interpreter (slow, not representative)")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    return torch.device(request.config.getoption("--bench-device"))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(benchmark, fn, device: torch.device, *, bytes_moved: int, provider: str, baseline: str):
+    """Times fn() (synchronised), and records GB/s and what the ratios are taken against."""
+    fn()  # warm-up: compilation, autotuning, allocator
+    synchronize(device)
+
+    def run():
+        fn()
+        synchronize(device)
+
+    benchmark.extra_info.update(provider=provider, baseline=baseline, bytes=bytes_moved)
+    benchmark.pedantic(run, rounds=int(os.environ.get("MADFAST_BENCH_ROUNDS", 20)), warmup_rounds=2)
+    benchmark.extra_info["gbps"] = bytes_moved / benchmark.stats.stats.mean / 1e9
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    import importlib.util
+
+    machine_info["torch"] = torch.__version__
+    machine_info["cuda"] = torch.version.cuda
+    machine_info["triton"] = (__import__("triton").__version__ if importlib.util.find_spec("triton") else None)
+    machine_info["python"] = platform.python_version()
+    if torch.cuda.is_available():
+        machine_info["gpu"] = torch.cuda.get_device_name()
+        machine_info["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+        machine_info["driver"] = torch.cuda.driver_version() if hasattr(torch.cuda, "driver_version") else None
+    machine_info["cpu_threads"] = torch.get_num_threads()
+
+
+def _ratios(benchmarks) -> None:
+    """speedup = baseline mean / mean, and fraction of the same-run copy bandwidth, per group."""
+    by_group: dict[str, dict[str, object]] = {}
+    for b in benchmarks:
+        by_group.setdefault(b["group"], {})[b["extra_info"]["provider"]] = b
+    for rows in by_group.values():
+        for b in rows.values():
+            info = b["extra_info"]
+            base = rows.get(info["baseline"])
+            if base is not None:
+                info["speedup_vs_baseline"] = base["stats"]["mean"] / b["stats"]["mean"]
+            copy = rows.get("copy")
+            if copy is not None:
+                info["fraction_of_copy_bw"] = info["gbps"] / copy["extra_info"]["gbps"]
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    _ratios(output_json["benchmarks"])
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or not session.benchmarks:
+        return
+    rows = [b.as_dict(include_data=False) for b in session.benchmarks]
+    _ratios(rows)
+    lines = ["", "| group | provider | mean µs | GB/s | × baseline | of copy BW |", "|---|---|---:|---:|---:|---:|"]
+    for b in sorted(rows, key=lambda r: (r["group"], r["stats"]["mean"])):
+        info = b["extra_info"]
+        lines.append(f"| {b['group']} | {info['provider']} | {b['stats']['mean'] * 1e6:.0f} | {info['gbps']:.1f} | "
+                     f"{info.get('speedup_vs_baseline', float('nan')):.2f} ({info['baseline']}) | "
+                     f"{info.get('fraction_of_copy_bw', float('nan')):.0%} |")
+    terminalreporter.write_line("\n".join(lines))

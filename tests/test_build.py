@@ -1,0 +1,83 @@
+"""The extension is built and registered as expected; backend choice; import without it."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.utils.cpp_extension import CUDA_HOME
+
+from madfast import BackendUnavailableError, _backend
+from madfast.ops import ema_update_
+
+
+def _cuda_build_expected() -> bool:
+    # Mirrors setup.py: CUDA kernels are compiled whenever nvcc and a CUDA torch are present.
+    forced = os.environ.get("MADFAST_CUDA")
+    found = torch.version.cuda is not None and (CUDA_HOME is not None or os.path.exists("/usr/local/cuda/bin/nvcc"))
+    return found if forced is None else forced == "1"
+
+
+def test_extension_is_loaded_with_cpu_kernel():
+    assert _backend.extension_loaded()
+    assert _backend.has_kernel("ema_update_", "CPU")
+
+
+@pytest.mark.skipif(not _cuda_build_expected(), reason="no nvcc or CPU-only torch: CUDA kernels not built")
+def test_cuda_kernel_is_compiled_and_registered():
+    assert _backend.has_kernel("ema_update_", "CUDA"), "setup.py should have compiled csrc/cuda/ema.cu"
+
+
+def test_has_kernel_for_unknown_op_is_false():
+    assert not _backend.has_kernel("no_such_op", "CPU")
+
+
+def test_auto_picks_cpp_on_cpu_and_env_overrides(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("MADFAST_BACKEND", raising=False)
+    assert _backend.choose("ema_update_", "auto", cpu) == "cpp"
+    monkeypatch.setenv("MADFAST_BACKEND", "torch")
+    assert _backend.choose("ema_update_", "auto", cpu) == "torch"
+    assert _backend.choose("ema_update_", "cpp", cpu) == "cpp"  # an explicit argument wins
+
+
+def test_unknown_or_unavailable_backend_is_a_clear_error(monkeypatch):
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        _backend.choose("ema_update_", "cudnn", cpu)
+    with pytest.raises(BackendUnavailableError, match="backend='cuda' is unavailable.*runs cuda tensors"):
+        ema_update_([torch.zeros(2)], [torch.ones(2)], 0.5, backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        _backend.choose("ema_update_", "triton", cpu)
+    monkeypatch.setenv("MADFAST_BACKEND", "nope")
+    with pytest.raises(ValueError, match="got 'nope'"):
+        _backend.choose("ema_update_", None, cpu)
+
+
+def test_import_without_extension_warns_and_falls_back():
+    code = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["madfast._C"] = None  # as if the extension were not built
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import madfast
+        assert any("madfast._C could not be loaded" in str(w.message) for w in caught), caught
+        import torch
+        from madfast import _backend
+        assert _backend.choose("ema_update_", "auto", torch.device("cpu")) == "torch"
+        e, p = [torch.zeros(3)], [torch.ones(3)]
+        madfast.ops.ema_update_(e, p, 0.75)
+        assert torch.allclose(e[0], torch.full((3,), 0.25))
+        try:
+            madfast.ops.ema_update_(e, p, 0.75, backend="cpp")
+        except madfast.BackendUnavailableError as err:
+            assert "not built or failed to load" in str(err)
+        else:
+            raise AssertionError("backend='cpp' without the extension must fail")
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
