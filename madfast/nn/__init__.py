@@ -1,5 +1,6 @@
 """Modules built on madfast's ops."""
 
 from madfast.nn.ema import FusedEMA, ema_multi_avg_fn
+from madfast.nn.losses import AdversarialLoss, BNStatHook, KLDivLoss
 
-__all__ = ["FusedEMA", "ema_multi_avg_fn"]
+__all__ = ["FusedEMA", "ema_multi_avg_fn", "KLDivLoss", "AdversarialLoss", "BNStatHook"]

@@ -1,0 +1,28 @@
+"""Torch reference of the temperature-scaled KL divergence: the CPU fallback and test oracle."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["torch_kl_div", "REDUCTIONS"]
+
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+def torch_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                 reduction: str = "batchmean") -> torch.Tensor:
+    """KL(softmax(t/τ) ‖ softmax(s/τ))·τ², computed in fp32 (fp64 for fp64); "none" gives one value per row."""
+    acc = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    log_p_s = F.log_softmax(student_logits.to(acc) / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.to(acc) / temperature, dim=1)
+    rows = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(1) * temperature**2
+    if reduction == "none":
+        out = rows
+    elif reduction == "sum":
+        out = rows.sum()
+    elif reduction == "batchmean":
+        out = rows.sum() / rows.numel()
+    else:  # "mean": over every element, as torch defines it
+        out = rows.sum() / student_logits.numel()
+    return out.to(student_logits.dtype)
