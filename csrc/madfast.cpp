@@ -17,4 +17,17 @@ TORCH_LIBRARY(madfast, m) {
   // ema <- ema + (1 - decay) * (tensor - ema), in place, in fp32 (fp64 for fp64);
   // non-floating pairs are copied. decay: 0-d floating tensor.
   m.def("ema_update_(Tensor(a!)[] ema_tensors, Tensor[] tensors, Tensor decay) -> ()");
+
+  // Per-row logit losses with the gradients of each row's loss, in one pass over the row.
+  // kl_div_fwd -> (loss (B,), d loss_i/d s (B, C) or empty, d loss_i/d t (B, C) or empty), where
+  // loss_i = T^2 KL(softmax(t_i/T) || softmax(s_i/T)). Loss accumulated in fp32 (fp64 for fp64).
+  m.def("kl_div_fwd(Tensor student_logits, Tensor teacher_logits, float temperature, bool grad_student, "
+        "bool grad_teacher) -> (Tensor, Tensor, Tensor)");
+  // l1_fwd -> (sum_j |s_ij - t_ij| (B,), sign(s - t) (B, C) or empty).
+  m.def("l1_fwd(Tensor student_logits, Tensor teacher_logits, bool grad_student) -> (Tensor, Tensor)");
+
+  // Per-channel mean and biased variance of x (N, C, H, W) over (N, H, W), fp32 (fp64 for fp64),
+  // and the gradient of x given gradients of those two (C,) vectors.
+  m.def("channel_moments(Tensor x) -> (Tensor, Tensor)");
+  m.def("channel_moments_backward(Tensor grad_mean, Tensor grad_var, Tensor x, Tensor mean) -> Tensor");
 }

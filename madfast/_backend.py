@@ -14,7 +14,8 @@ import warnings
 
 import torch
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "extension_loaded", "has_kernel", "triton_usable", "choose"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "extension_loaded", "has_kernel", "triton_usable", "choose",
+           "compiled_op"]
 
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
@@ -97,3 +98,9 @@ def choose(op: str, backend: str | None, device: torch.device) -> str:
     if reason is not None:
         raise BackendUnavailableError(f"{op}: backend={backend!r} is unavailable: {reason}")
     return backend
+
+
+def compiled_op(op: str, backend: str):
+    """The torch.ops entry that runs ``op`` on a compiled backend: ``madfast::<op>`` for the
+    C++/CUDA kernels (one op, a kernel per dispatch key), ``madfast::<op>_triton`` for Triton."""
+    return getattr(torch.ops.madfast, f"{op}_triton" if backend == "triton" else op)

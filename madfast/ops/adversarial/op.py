@@ -1,4 +1,4 @@
-"""madfast.ops.adversarial_loss: validation, backend choice and registration."""
+"""madfast.ops.adversarial_loss: the bounded discrepancy over the fused per-row loss ops."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import torch
 
 from madfast import _backend
 from madfast.ops._checks import check_choice
-from madfast.ops.adversarial_loss.reference import KINDS, torch_adversarial_loss
-from madfast.ops.kl_div.op import check_kl_args
+from madfast.ops.adversarial.reference import KINDS, torch_adversarial_loss
+from madfast.ops.kl.op import check_kl_args, kl_rows, l1_rows, reduce_rows
 
 __all__ = ["adversarial_loss"]
 
@@ -18,9 +18,11 @@ def adversarial_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
     Args:
         student_logits, teacher_logits: (B, C) logits, same dtype and device.
-        bound: δ, the bound on the discrepancy (None: unbounded); the gradient is zero past it.
+        bound: δ, the bound on the discrepancy (None: unbounded); the gradient is zero past it
+            (a device-side clamp: no host sync).
         kind: "kl" (D = batchmean KL(t/τ ‖ s/τ)·τ²) or "l1" (D = mean |s − t|, DFAD).
         temperature: τ > 0 (used by "kl").
+        backend: "auto", "torch", "triton", "cuda" or "cpp".
     Returns:
         A 0-d tensor in the logits' dtype.
     """
@@ -28,5 +30,16 @@ def adversarial_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     check_choice("adversarial_loss", "kind", kind, KINDS)
     if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))):
         raise TypeError(f"adversarial_loss: bound must be a number or None, got {type(bound).__name__}")
-    _backend.choose("adversarial_loss", backend, student_logits.device)
-    return torch_adversarial_loss(student_logits, teacher_logits, bound, kind, temperature)
+    op = "kl_div_fwd" if kind == "kl" else "l1_fwd"
+    chosen = _backend.choose(op, backend, student_logits.device)
+    if chosen == "torch":
+        return torch_adversarial_loss(student_logits, teacher_logits, bound, kind, temperature)
+    if kind == "kl":
+        rows = kl_rows(student_logits, teacher_logits, temperature, chosen)
+        d = reduce_rows(rows, "batchmean", student_logits.numel())
+    else:
+        d = reduce_rows(l1_rows(student_logits, teacher_logits, chosen), "mean", student_logits.numel())
+    d = d.to(student_logits.dtype)
+    if bound is not None:
+        d = torch.clamp(d, max=bound)
+    return -d

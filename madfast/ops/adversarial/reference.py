@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from madfast.ops.kl_div.reference import torch_kl_div
+from madfast.ops.kl.reference import torch_kl_div
 
 __all__ = ["torch_adversarial_loss", "KINDS"]
 

@@ -1,0 +1,113 @@
+// CPU kernels of madfast::kl_div_fwd and madfast::l1_fwd: rows in parallel, each row
+// read from cache after the first pass.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "logit_losses.h"
+
+namespace madfast {
+namespace {
+
+template <typename scalar_t>
+void kl_rows_cpu(const at::Tensor& s, const at::Tensor& t, double temperature, at::Tensor& loss, at::Tensor& gs,
+                 at::Tensor& gt) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = s.size(0), C = s.size(1);
+  const acc_t inv_tau = acc_t(1) / acc_t(temperature), tau = acc_t(temperature);
+  const scalar_t* sp = s.const_data_ptr<scalar_t>();
+  const scalar_t* tp = t.const_data_ptr<scalar_t>();
+  const int64_t ss = s.stride(0), ts = t.stride(0);
+  acc_t* lp = loss.data_ptr<acc_t>();
+  scalar_t* gsp = gs.numel() ? gs.data_ptr<scalar_t>() : nullptr;
+  scalar_t* gtp = gt.numel() ? gt.data_ptr<scalar_t>() : nullptr;
+  at::parallel_for(0, B, /*grain_size=*/std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const scalar_t* srow = sp + b * ss;
+      const scalar_t* trow = tp + b * ts;
+      acc_t max_s = -std::numeric_limits<acc_t>::infinity(), max_t = max_s;
+      for (int64_t c = 0; c < C; ++c) {
+        max_s = std::max(max_s, acc_t(srow[c]) * inv_tau);
+        max_t = std::max(max_t, acc_t(trow[c]) * inv_tau);
+      }
+      acc_t sum_s = 0, sum_t = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        sum_s += std::exp(acc_t(srow[c]) * inv_tau - max_s);
+        sum_t += std::exp(acc_t(trow[c]) * inv_tau - max_t);
+      }
+      // log p = (x - max) - log sum: never forms max + log sum, which loses digits for |x| ~ 1e4.
+      const acc_t log_s = std::log(sum_s), log_t = std::log(sum_t);
+      const auto log_probs = [&](int64_t c, acc_t& lps, acc_t& lpt) {
+        lps = (acc_t(srow[c]) * inv_tau - max_s) - log_s;
+        lpt = (acc_t(trow[c]) * inv_tau - max_t) - log_t;
+      };
+      acc_t kl = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t lps, lpt;
+        log_probs(c, lps, lpt);
+        kl += std::exp(lpt) * (lpt - lps);
+      }
+      lp[b] = kl * tau * tau;
+      if (gsp == nullptr && gtp == nullptr) continue;
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t lps, lpt;
+        log_probs(c, lps, lpt);
+        const acc_t pt = std::exp(lpt);
+        if (gsp) gsp[b * C + c] = static_cast<scalar_t>(tau * (std::exp(lps) - pt));
+        if (gtp) gtp[b * C + c] = static_cast<scalar_t>(tau * pt * (lpt - lps - kl));
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                              double temperature, bool grad_s, bool grad_t) {
+  check_logits(student, teacher, "kl_div_fwd");
+  TORCH_CHECK_VALUE(temperature > 0, "kl_div_fwd: temperature must be > 0, got ", temperature);
+  const at::Tensor s = rows_unit_stride(student), t = rows_unit_stride(teacher);
+  at::Tensor loss = at::empty({s.size(0)}, s.options().dtype(loss_dtype(s)));
+  at::Tensor gs = grad_or_empty(s, grad_s), gt = grad_or_empty(s, grad_t);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "kl_div_fwd_cpu",
+                                  [&] { kl_rows_cpu<scalar_t>(s, t, temperature, loss, gs, gt); });
+  return {loss, gs, gt};
+}
+
+std::tuple<at::Tensor, at::Tensor> l1_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher, bool grad_s) {
+  check_logits(student, teacher, "l1_fwd");
+  const at::Tensor s = rows_unit_stride(student), t = rows_unit_stride(teacher);
+  at::Tensor loss = at::empty({s.size(0)}, s.options().dtype(loss_dtype(s)));
+  at::Tensor gs = grad_or_empty(s, grad_s);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "l1_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t B = s.size(0), C = s.size(1), ss = s.stride(0), ts = t.stride(0);
+    const scalar_t* sp = s.const_data_ptr<scalar_t>();
+    const scalar_t* tp = t.const_data_ptr<scalar_t>();
+    acc_t* lp = loss.data_ptr<acc_t>();
+    scalar_t* gsp = gs.numel() ? gs.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        acc_t total = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t d = acc_t(sp[b * ss + c]) - acc_t(tp[b * ts + c]);
+          total += std::abs(d);
+          if (gsp) gsp[b * C + c] = static_cast<scalar_t>((d > 0) - (d < 0));
+        }
+        lp[b] = total;
+      }
+    });
+  });
+  return {loss, gs};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(madfast, CPU, m) {
+  m.impl("kl_div_fwd", &kl_div_fwd_cpu);
+  m.impl("l1_fwd", &l1_fwd_cpu);
+}
+
+}  // namespace madfast

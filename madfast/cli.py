@@ -1,0 +1,192 @@
+"""The `madfast` command line (also `python -m madfast`): demo, train-teacher, distill, eval, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from madfast.errors import UsageError
+
+__all__ = ["main", "build_parser"]
+
+_EPILOG_DISTILL = """examples:
+  madfast distill --dataset cifar10 --data-dir ~/data/cifar10 --teacher cifar_resnet34 \\
+      --teacher-ckpt runs/t34/teacher.pt --student cifar_resnet18 --out runs/mad-c10
+  madfast distill --resume runs/mad-c10                 # continue exactly where it stopped
+  torchrun --nproc_per_node 4 -m madfast distill --config run.yaml --amp bf16 --compile"""
+
+
+def _config_parser(sub, name: str, cls, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    from madfast.train.config import add_config_args
+
+    p = sub.add_parser(name, help=help, description=help, epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of field: value (flags override it)")
+    add_config_args(p, cls)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from madfast.train.config import DistillConfig, TeacherConfig
+
+    parser = argparse.ArgumentParser(prog="madfast", description="Data-free knowledge distillation by "
+                                     "Momentum Adversarial Distillation (MAD), with fused kernels.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="train a teacher on the embedded digits, distill a student data-free "
+                       "with MAD, print both test accuracies", description="The main job: digits teacher → MAD → "
+                       "half-width student. Writes OUT/metrics.json, samples.png, curves.png.")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: runs/demo-<time>)")
+    p.add_argument("--steps", type=int, help="adversarial iterations (default: the demo's 1000)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+    _config_parser(sub, "train-teacher", TeacherConfig, "supervised training of a teacher on a local data set")
+    p = _config_parser(sub, "distill", DistillConfig, "data-free distillation of a teacher into a student with MAD",
+                       _EPILOG_DISTILL)
+    p.add_argument("--resume", metavar="DIR", help="continue the newest checkpoint of a run folder (its config, "
+                   "overridden by the flags given)")
+    p.add_argument("--stop-after", type=int, metavar="N", help="stop after N iterations of this invocation, "
+                   "with a checkpoint (continue with --resume)")
+
+    p = sub.add_parser("eval", help="test accuracy of a teacher.pt or of the student of a distill run",
+                       description="Top-1/top-5 test accuracy of a checkpoint's network.")
+    p.add_argument("ckpt", help="teacher.pt, a distill ckpt-*.pt, or a run folder (its newest checkpoint)")
+    p.add_argument("--dataset", help="data set (default: the checkpoint's)")
+    p.add_argument("--data-dir", help="local data folder (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num-workers", type=int, default=2)
+
+    p = sub.add_parser("bench", help="run the pytest-benchmark suites; write a markdown table and a PNG chart "
+                       "of speed-ups vs eager", description="Runs benchmarks/bench_*.py with pytest-benchmark.")
+    p.add_argument("--out", metavar="DIR", default="benchmarks/results", help="where bench-<time>.{json,md,png} go")
+    p.add_argument("--bench-dir", metavar="DIR", help="the benchmarks folder (default: the repository's)")
+    p.add_argument("-k", dest="select", help="pytest -k expression selecting benchmarks")
+    return parser
+
+
+def _with_file(args) -> dict:
+    from madfast.train.config import load_config_file
+
+    return load_config_file(args.config) if args.config else {}
+
+
+def _cmd_demo(args) -> int:
+    from madfast.train.demo import run_demo
+
+    out = args.out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
+    overrides = {"steps": args.steps} if args.steps else {}
+    m = run_demo(out, seed=args.seed, progress=args.progress, distill_overrides=overrides)
+    print(f"teacher test accuracy {m['teacher_acc']:.2f}%  student test accuracy {m['student_acc']:.2f}%  "
+          f"ratio {m['ratio']:.3f}  ({m['seconds']:.0f} s)  → {out}/metrics.json, samples.png, curves.png")
+    return 0
+
+
+def _cmd_train_teacher(args) -> int:
+    from madfast.train import TeacherConfig, train_teacher
+    from madfast.train.config import config_from_args
+
+    s = train_teacher(config_from_args(TeacherConfig, args, _with_file(args)))
+    if s:
+        print(f"teacher test accuracy {s['test_acc']:.2f}% ({s['seconds']:.0f} s) → {s['teacher_ckpt']}")
+    return 0
+
+
+def _cmd_distill(args) -> int:
+    from madfast.train import DistillConfig, distill
+    from madfast.train.checkpoint import load_checkpoint
+    from madfast.train.config import config_from_args
+
+    base = {}
+    if args.resume:
+        base = dict(load_checkpoint(args.resume).get("config") or {})
+        base["out"] = args.resume
+    if args.stop_after is not None and args.stop_after < 1:
+        raise UsageError("--stop-after must be ≥ 1")
+    cfg = config_from_args(DistillConfig, args, {**base, **_with_file(args)})
+    s = distill(cfg, resume=args.resume, stop_after=args.stop_after)
+    if s:
+        state = "finished" if s["finished"] else f"stopped at step {s['step']}/{s['total_steps']}"
+        student = f"{s['student_acc']:.2f}%" if s["student_acc"] is not None else "not evaluated yet"
+        print(f"{state}: teacher {s['teacher_acc']:.2f}%, student {student} ({s['seconds']:.0f} s) → {cfg.out}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import torch
+
+    from madfast.data import Normalize, build_dataset, dataset_info
+    from madfast.errors import CheckpointError
+    from madfast.models import build_model
+    from madfast.train.checkpoint import load_checkpoint
+    from madfast.train.distributed import setup
+    from madfast.train.evaluate import eval_loader, evaluate
+
+    state = load_checkpoint(args.ckpt)
+    fmt = state.get("format") if isinstance(state, dict) else None
+    if fmt == "madfast-teacher/1":
+        cfg, name, weights = state["config"], state["model"], state["state_dict"]
+    elif fmt == "madfast-distill/1":
+        cfg, name, weights = state["config"], state["config"]["student"], state["task"]["student"]
+    else:
+        raise CheckpointError(f"{args.ckpt!r} is not a madfast teacher or distill checkpoint")
+    dataset, data_dir = args.dataset or cfg["dataset"], args.data_dir or cfg.get("data_dir")
+    info = dataset_info(dataset, data_dir, cfg.get("img_size") or None)
+    test = build_dataset(dataset, "test", data_dir, info.img_size)
+    model = build_model(name, info.num_classes, info.channels)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"{args.ckpt!r} does not fit {name!r} on {dataset}: {str(e).splitlines()[0]}") from None
+    device = setup(args.device).device
+    r = evaluate(model.to(device), eval_loader(test, args.batch_size, 0 if dataset == "digits" else args.num_workers),
+                 Normalize(info.mean, info.std), device)
+    print(json.dumps({"model": name, "dataset": dataset, "top1": r["acc"], "top5": r["acc5"]}))
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from madfast.bench_report import write_report
+
+    bench_dir = args.bench_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    if not os.path.isdir(bench_dir):
+        raise UsageError(f"--bench-dir {bench_dir!r} does not exist (run from a madfast checkout or pass it)")
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(os.path.abspath(args.out), time.strftime("bench-%Y%m%d-%H%M%S"))
+    cmd = [sys.executable, "-m", "pytest", bench_dir, "-q", "-p", "no:cacheprovider", "-o", "python_files=bench_*.py",
+           "-o", "testpaths=", f"--benchmark-json={stem}.json", "--benchmark-columns=mean,stddev,rounds"]
+    if args.select:
+        cmd += ["-k", args.select]
+    rc = subprocess.call(cmd, cwd=bench_dir)
+    if rc != 0 or not os.path.isfile(f"{stem}.json"):
+        print(f"madfast: error: the benchmarks failed (pytest exit status {rc})", file=sys.stderr)
+        return rc or 1
+    write_report(f"{stem}.json", f"{stem}.md", f"{stem}.png")
+    print(f"→ {stem}.md, {stem}.png, {stem}.json")
+    return 0
+
+
+_COMMANDS = {"demo": _cmd_demo, "train-teacher": _cmd_train_teacher, "distill": _cmd_distill, "eval": _cmd_eval,
+             "bench": _cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from madfast.train import NonFiniteLossError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except UsageError as e:
+        print(f"madfast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"madfast {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"madfast {args.command}: interrupted", file=sys.stderr)
+        return 130

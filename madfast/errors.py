@@ -1,0 +1,15 @@
+"""Errors that mean "bad input from the user": the CLI prints them as one line and exits non-zero."""
+
+__all__ = ["UsageError", "DataError", "CheckpointError"]
+
+
+class UsageError(ValueError):
+    """A bad argument, name or file given by the user."""
+
+
+class DataError(UsageError):
+    """A data folder is missing or not in the expected layout."""
+
+
+class CheckpointError(UsageError):
+    """A checkpoint is missing, unreadable or does not fit the requested model."""

@@ -1,0 +1,54 @@
+"""build_model(name, ...): madfast's CIFAR/demo nets by name, or any torchvision.models name."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+from torch import nn
+
+from madfast.errors import UsageError
+from madfast.models.cifar_resnet import cifar_resnet18, cifar_resnet34
+from madfast.models.small_cnn import SmallCNN
+from madfast.models.wrn import wrn
+
+__all__ = ["build_model", "MODELS", "model_names"]
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "cifar_resnet18": cifar_resnet18,
+    "cifar_resnet34": cifar_resnet34,
+    "wrn16_1": partial(wrn, 16, 1),
+    "wrn16_2": partial(wrn, 16, 2),
+    "wrn40_1": partial(wrn, 40, 1),
+    "wrn40_2": partial(wrn, 40, 2),
+    "small_cnn": partial(SmallCNN, width=32),
+    "small_cnn_half": partial(SmallCNN, width=16),
+}
+
+
+def _torchvision_names() -> list[str]:
+    try:
+        import torchvision
+    except ImportError:
+        return []
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def model_names() -> list[str]:
+    """madfast's own names, then torchvision's classification models."""
+    return list(MODELS) + _torchvision_names()
+
+
+def build_model(name: str, num_classes: int, channels: int = 3) -> nn.Module:
+    """A freshly initialised classifier. torchvision models are built without weights (nothing is
+    downloaded) and take 3-channel input."""
+    if name in MODELS:
+        return MODELS[name](num_classes=num_classes, channels=channels)
+    if name in _torchvision_names():
+        if channels != 3:
+            raise UsageError(f"model {name!r} (torchvision) takes 3-channel images, the data has {channels}")
+        import torchvision
+
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    raise UsageError(f"unknown model {name!r}: choose one of {', '.join(MODELS)} "
+                     "or a torchvision.models classification name (e.g. resnet18, resnet50)")

@@ -1,0 +1,251 @@
+"""The MAD run (`distill`) and supervised teacher training (`train_teacher`).
+
+Everything the user gave is checked (data, models, teacher checkpoint, batch split) before
+anything is written; a run folder that already holds checkpoints is only continued by resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
+
+from madfast.data import Normalize, build_dataset, dataset_info
+from madfast.errors import CheckpointError, UsageError
+from madfast.models import Generator, build_model
+from madfast.train import checkpoint as ckpt
+from madfast.train.config import DistillConfig, TeacherConfig
+from madfast.train.distributed import DistContext, assert_identical, gather, setup, teardown, wrap
+from madfast.train.evaluate import eval_loader, evaluate
+from madfast.train.logger import RunLogger
+from madfast.train.report import save_curves, save_sample_grid
+from madfast.train.task import MADTask
+
+__all__ = ["distill", "train_teacher", "NonFiniteLossError", "LOSS_COLUMNS"]
+
+LOSS_COLUMNS = ["g_loss", "g_adv", "g_ce", "g_bn", "s_loss", "s_kl_g", "s_kl_ema"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN/Inf; the run stopped and its last good checkpoint is kept."""
+
+
+def _progress(total: int, initial: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
+
+
+def _check_split(batch_size: int) -> None:
+    """Before joining the process group, so that every rank fails at once with the same line."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if batch_size % world:
+        raise UsageError(f"--batch-size {batch_size} is not divisible by the {world} ranks")
+
+
+def _check_fresh_out(out: str) -> None:
+    if ckpt.latest_checkpoint(out) is not None or os.path.isfile(os.path.join(out, "teacher.pt")):
+        raise UsageError(f"--out {out!r} already holds a run: continue it with --resume {out} or choose another --out")
+
+
+def distill(cfg: DistillConfig, resume: str | None = None, stop_after: int | None = None) -> dict:
+    """Runs MAD with ``cfg`` (from scratch, or continuing the newest checkpoint in ``resume``).
+
+    Writes OUT/ckpt-*.pt, metrics.csv, tb/, config.json, summary.json, samples.png (G and G̃)
+    and curves.png.
+
+    ``stop_after``: leave after that many iterations of this invocation with a checkpoint (for
+    time-limited jobs; ``resume`` continues exactly). Returns the summary also written to
+    OUT/summary.json.
+    """
+    cfg.validate()
+    _check_split(cfg.batch_size)
+    ctx = setup(cfg.device)
+    try:
+        return _distill(cfg, ctx, resume, stop_after)
+    finally:
+        teardown(ctx)
+
+
+def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_after: int | None) -> dict:
+    state = ckpt.load_checkpoint(resume) if resume else None
+    if state is not None and state.get("format") != "madfast-distill/1":
+        raise CheckpointError(f"--resume {resume!r}: not a `madfast distill` checkpoint")
+    info = dataset_info(cfg.dataset, cfg.data_dir, cfg.img_size or None)
+    test_set = build_dataset(cfg.dataset, "test", cfg.data_dir, info.img_size)
+    torch.manual_seed(cfg.seed)  # same initialisation on every rank
+    teacher = build_model(cfg.teacher, info.num_classes, info.channels)
+    teacher_file = ckpt.load_teacher(cfg.teacher_ckpt, teacher, cfg.teacher, info.num_classes, info.channels)
+    student = build_model(cfg.student, info.num_classes, info.channels)
+    generator = Generator(cfg.nz, info.num_classes, info.img_size, info.channels, cfg.ngf, cfg.conditioning,
+                          cfg.gen_block, cfg.gen_output, backend=cfg.backend)
+    normalize = Normalize(info.mean, info.std)
+    task = MADTask(cfg, teacher, student, generator, normalize, ctx)
+    start = 0
+    if state is not None:
+        if len(state["noise"]) != ctx.world_size:
+            raise CheckpointError(f"--resume {resume!r} was written by {len(state['noise'])} ranks, "
+                                  f"this run has {ctx.world_size}")
+        task.load_state_dict(state["task"])
+        task.noise.set_state(state["noise"][ctx.rank])
+        ckpt.set_rng_state(state["rng"][ctx.rank])
+        start = state["step"]
+    elif ctx.is_main:
+        _check_fresh_out(cfg.out)
+    total = cfg.g_pretrain_steps + cfg.steps
+
+    loader = eval_loader(test_set, cfg.eval_batch_size, 0 if cfg.dataset == "digits" else cfg.num_workers)
+    main = ctx.is_main
+    if main:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=2)
+        same_data = (teacher_file.get("dataset"), teacher_file.get("img_size")) == (cfg.dataset, info.img_size)
+        teacher_acc = (teacher_file["test_acc"] if same_data and teacher_file.get("test_acc") is not None
+                       else evaluate(task.teacher, loader, normalize, ctx.device, cfg.channels_last)["acc"])
+    logger = RunLogger(cfg.out, [*LOSS_COLUMNS, "lr_g", "lr_s", "samples_per_s", "student_acc"],
+                       cfg.tensorboard, start) if main else None
+    # Every generated image counts: G steps, and G (+ G̃) samples of the student steps.
+    per_iter = cfg.batch_size * (cfg.g_steps + cfg.s_steps * (2 if cfg.ema else 1))
+
+    def checkpoint(step: int) -> str | None:
+        assert_identical(task.ema.module if task.ema is not None else task.g_raw, ctx, "the EMA generator")
+        noise, rng = gather(task.noise.get_state(), ctx), gather(ckpt.rng_state(), ctx)
+        if not main:
+            return None
+        return ckpt.save_checkpoint({"format": "madfast-distill/1", "config": asdict(cfg), "step": step,
+                                     "task": task.state_dict(), "noise": noise, "rng": rng},
+                                    cfg.out, step, cfg.keep_ckpts)
+
+    bar = _progress(total, start, cfg.progress and main, "distill")
+    t0, tick, last_logged, student_acc = time.perf_counter(), time.perf_counter(), start, None
+    end = total if stop_after is None else min(total, start + stop_after)
+    step = start
+    try:
+        for step in range(start + 1, end + 1):
+            losses = task.iteration(step - 1)
+            names = list(losses)
+            values = torch.stack([v.float() for v in losses.values()])
+            if ctx.distributed:  # one small all-reduce: logged values are rank means, NaN anywhere stops all
+                dist.all_reduce(values)
+                values /= ctx.world_size
+            values = values.tolist()
+            for name, v in zip(names, values):
+                if not math.isfinite(v):
+                    kept = ckpt.latest_checkpoint(cfg.out)
+                    raise NonFiniteLossError(f"loss {name} is {v} at step {step}; stopped. "
+                                             f"Last good checkpoint: {kept or 'none (no checkpoint written yet)'}")
+            row = dict(zip(names, values))
+            evaluating = step == total or (cfg.eval_every and step % cfg.eval_every == 0)
+            if main and evaluating:
+                student_acc = evaluate(task.student_raw, loader, normalize, ctx.device, cfg.channels_last)["acc"]
+                row["student_acc"] = student_acc
+            if main and (step % cfg.log_every == 0 or step == end or evaluating):
+                now = time.perf_counter()
+                row.update(task.lrs(), samples_per_s=per_iter * (step - last_logged) / max(now - tick, 1e-9))
+                tick, last_logged = now, step
+                logger.log(step, row)
+                bar.set_postfix({k: f"{row[k]:.3g}" for k in ("g_loss", "s_loss", "samples_per_s") if k in row})
+            bar.update(1)
+            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == end:
+                checkpoint(step)
+    finally:
+        bar.close()
+        if logger is not None:
+            logger.close()
+    if not main:
+        return {}
+    save_sample_grid(task, os.path.join(cfg.out, "samples.png"))
+    save_curves(logger.path, os.path.join(cfg.out, "curves.png"))
+    summary = {"teacher_acc": teacher_acc, "student_acc": student_acc, "step": step, "total_steps": total,
+               "seconds": time.perf_counter() - t0, "finished": step == total}
+    if student_acc is not None and teacher_acc:
+        summary["ratio"] = student_acc / teacher_acc
+    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def train_teacher(cfg: TeacherConfig) -> dict:
+    """Supervised training; writes OUT/teacher.pt (with its test accuracy) and OUT/metrics.csv."""
+    cfg.validate()
+    _check_split(cfg.batch_size)
+    ctx = setup(cfg.device)
+    try:
+        return _train_teacher(cfg, ctx)
+    finally:
+        teardown(ctx)
+
+
+def _train_teacher(cfg: TeacherConfig, ctx: DistContext) -> dict:
+    info = dataset_info(cfg.dataset, cfg.data_dir, cfg.img_size or None)
+    train_set = build_dataset(cfg.dataset, "train", cfg.data_dir, info.img_size,
+                              augment=cfg.augment and cfg.dataset != "digits")
+    test_set = build_dataset(cfg.dataset, "test", cfg.data_dir, info.img_size)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, info.num_classes, info.channels)
+    if ctx.is_main:
+        _check_fresh_out(cfg.out)
+        os.makedirs(cfg.out, exist_ok=True)
+    fmt = torch.channels_last if cfg.channels_last else torch.preserve_format
+    model = model.to(ctx.device, memory_format=fmt)
+    net = wrap(model, ctx)
+    workers = 0 if cfg.dataset == "digits" else cfg.num_workers
+    sampler = DistributedSampler(train_set, ctx.world_size, ctx.rank, seed=cfg.seed) if ctx.distributed else None
+    loader = DataLoader(train_set, batch_size=cfg.batch_size // ctx.world_size, shuffle=sampler is None,
+                        sampler=sampler, num_workers=workers, drop_last=True,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    if len(loader) == 0:
+        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} training images")
+    if cfg.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * len(loader), pct_start=0.15)
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.amp == "fp16")
+    normalize = Normalize(info.mean, info.std).to(ctx.device)
+    logger = RunLogger(cfg.out, ["loss", "lr", "test_acc"], tensorboard=False) if ctx.is_main else None
+    t0 = time.perf_counter()
+    bar = _progress(cfg.epochs * len(loader), 0, cfg.progress and ctx.is_main, "teacher")
+    for epoch in range(cfg.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        total_loss = 0.0
+        for x, y in loader:
+            x, y = normalize(x.to(ctx.device)), y.to(ctx.device)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(ctx.device.type, dtype=amp, enabled=amp is not None):
+                loss = F.cross_entropy(net(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            total_loss += loss.item()
+            if not math.isfinite(total_loss):
+                raise NonFiniteLossError(f"loss is {loss.item()} in epoch {epoch + 1}; stopped")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3g}")
+        if ctx.is_main:
+            acc = evaluate(model, eval_loader(test_set, 512, workers), normalize, ctx.device, cfg.channels_last)["acc"]
+            logger.log(epoch + 1, {"loss": total_loss / len(loader), "lr": opt.param_groups[0]["lr"], "test_acc": acc})
+    bar.close()
+    if not ctx.is_main:
+        return {}
+    logger.close()
+    path = os.path.join(cfg.out, "teacher.pt")
+    ckpt.save_teacher(path, model, cfg.model, info.num_classes, info.channels, cfg.dataset, info.img_size, acc,
+                      asdict(cfg))
+    summary = {"test_acc": acc, "seconds": time.perf_counter() - t0, "teacher_ckpt": path}
+    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary

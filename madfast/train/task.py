@@ -1,0 +1,187 @@
+"""The MAD task: generator step, EMA step, student steps — the paper's iteration, one method each.
+
+Each step returns a dict of named 0-d loss tensors (no host sync here; the loop reads them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from madfast.models import Generator
+from madfast.nn import AdversarialLoss, BNStatHook, FusedEMA, KLDivLoss
+from madfast.train.config import DistillConfig
+from madfast.train.distributed import DistContext, broadcast_buffers, wrap
+
+__all__ = ["MADTask", "input_pipeline"]
+
+
+def input_pipeline(gen_output: str, normalize: nn.Module, channels_last: bool):
+    """Generator images → classifier input: to [0, 1] (from tanh's [-1, 1]), normalised like the data."""
+    def to_input(x: torch.Tensor) -> torch.Tensor:
+        if gen_output == "tanh":
+            x = (x + 1) * 0.5
+        x = normalize(x)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    return to_input
+
+
+class MADTask:
+    """Teacher T (frozen, eval, outside DDP), student S and generator G (DDP under torchrun), EMA
+    generator G̃ (identical on all ranks), their optimisers, schedules and the noise stream."""
+
+    def __init__(self, cfg: DistillConfig, teacher: nn.Module, student: nn.Module, generator: Generator,
+                 normalize: nn.Module, ctx: DistContext):
+        self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
+        self.batch = cfg.batch_size // ctx.world_size
+        fmt = torch.channels_last if cfg.channels_last else torch.preserve_format
+        self.teacher = teacher.to(self.device, memory_format=fmt).eval().requires_grad_(False)
+        self.bn_hook = BNStatHook(self.teacher, backend=cfg.backend)
+        self.student_raw = student.to(self.device, memory_format=fmt).train()
+        self.g_raw = generator.to(self.device).train()
+        self.student, self.generator = wrap(self.student_raw, ctx), wrap(self.g_raw, ctx)
+        self.ema = (FusedEMA(self.g_raw, decay=cfg.ema_decay, exclude_buffers=cfg.ema_buffers == "copy",
+                             backend=cfg.backend) if cfg.ema else None)
+        if self.ema is not None and cfg.ema_bn == "batch":
+            self.ema.module.train()  # G̃ normalises with batch statistics, as G does
+        self.to_input = input_pipeline(cfg.gen_output, normalize.to(self.device), cfg.channels_last)
+        self.kl = KLDivLoss(cfg.temperature, backend=cfg.backend)
+        self.adversarial = AdversarialLoss(cfg.adv_bound, cfg.adv_kind, cfg.temperature, backend=cfg.backend)
+
+        self.opt_g = torch.optim.Adam(self.g_raw.parameters(), lr=cfg.lr_g, betas=(0.5, 0.999))
+        if cfg.optimizer_s == "adam":
+            self.opt_s = torch.optim.Adam(self.student_raw.parameters(), lr=cfg.lr_s, weight_decay=cfg.weight_decay_s)
+        else:
+            self.opt_s = torch.optim.SGD(self.student_raw.parameters(), lr=cfg.lr_s, momentum=0.9,
+                                         weight_decay=cfg.weight_decay_s)
+        self.sched_g, self.sched_s = (self._schedule(self.opt_g), self._schedule(self.opt_s))
+        amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp)) if amp else contextlib.nullcontext
+        fp16 = cfg.amp == "fp16"
+        self.scaler_g = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.scaler_s = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        # Per-rank noise stream: ranks see different samples, and its state is checkpointed.
+        self.noise = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + ctx.rank + 1)
+        self._teacher_f, self._student_f, self._gen_f = self.teacher, self.student, self.generator
+        if cfg.compile:
+            compile_ = lambda m: torch.compile(m, mode=cfg.compile_mode)  # noqa: E731
+            self._teacher_f, self._student_f, self._gen_f = compile_(self.teacher), compile_(self.student), compile_(self.generator)
+
+    def _schedule(self, opt: torch.optim.Optimizer):
+        if self.cfg.schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.cfg.steps)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+    def _codes(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.randn(n, self.cfg.nz, device=self.device, generator=self.noise)
+        y = torch.randint(0, self.g_raw.num_classes, (n,), device=self.device, generator=self.noise)
+        return z, y
+
+    def _step(self, loss: torch.Tensor, opt, scaler, params: list[nn.Parameter]) -> None:
+        # ``inputs=`` keeps the generator's loss from accumulating into the student and vice versa.
+        scaler.scale(loss).backward(inputs=params)
+        if self.cfg.grad_clip > 0:
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    def generator_step(self, pretrain: bool = False) -> dict[str, torch.Tensor]:
+        """L_G = −min(D(T(x), S(x)), δ) + λ_ce·CE(T(x), y) + λ_bn·L_BN(T; x); pretraining drops the first term."""
+        cfg = self.cfg
+        z, y = self._codes(self.batch)
+        with self.autocast():
+            x = self.to_input(self._gen_f(z, y))
+            t = self._teacher_f(x)
+            bn = self.bn_hook.loss
+            ce = F.cross_entropy(t.float(), y)
+            loss = cfg.lambda_ce * ce + cfg.lambda_bn * bn
+            out = {"g_ce": ce.detach(), "g_bn": bn.detach()}
+            if not pretrain:
+                # The student outside DDP: no gradient reaches its weights here.
+                adv = self.adversarial(self.student_raw(x).float(), t.float())
+                loss = loss + adv
+                out["g_adv"] = adv.detach()
+        self._step(loss, self.opt_g, self.scaler_g, list(self.g_raw.parameters()))
+        return {"g_loss": loss.detach(), **out}
+
+    @torch.no_grad()
+    def ema_step(self) -> None:
+        """G̃ ← α·G̃ + (1−α)·G (one fused launch per dtype group)."""
+        broadcast_buffers(self.g_raw, self.ctx)  # G's BN statistics drift per rank; G̃ must not
+        self.ema.update(self.g_raw)
+
+    def _samples(self) -> torch.Tensor:
+        """A batch of G, then (with the EMA) a batch of G̃, concatenated; no gradient to either."""
+        with torch.no_grad(), self.autocast():
+            xs = [self.g_raw(*self._codes(self.batch))]
+            if self.ema is not None:
+                xs.append(self.ema.module(*self._codes(self.batch)))
+            return self.to_input(torch.cat(xs))
+
+    def student_step(self) -> dict[str, torch.Tensor]:
+        """L_S = λ0·D(T(x), S(x)) + λ1·D(T(x̃), S(x̃)); without the EMA, D(T(x), S(x)) alone."""
+        cfg, b = self.cfg, self.batch
+        x = self._samples()
+        with torch.no_grad(), self.autocast():
+            t = self._teacher_f(x).float()
+        params = list(self.student_raw.parameters())
+        if self.ema is None:
+            with self.autocast():
+                loss = kl_g = self.kl(self._student_f(x).float(), t)
+            self._step(loss, self.opt_s, self.scaler_s, params)
+            return {"s_loss": loss.detach(), "s_kl_g": kl_g.detach()}
+        if cfg.concat_forward:
+            with self.autocast():
+                s = self._student_f(x).float()
+                kl_g, kl_ema = self.kl(s[:b], t[:b]), self.kl(s[b:], t[b:])
+                loss = cfg.lambda0 * kl_g + cfg.lambda1 * kl_ema
+            self._step(loss, self.opt_s, self.scaler_s, params)
+        else:
+            # Separate forwards (student BN sees each source alone); DDP syncs on the second backward.
+            no_sync = self.student.no_sync if self.ctx.distributed else contextlib.nullcontext
+            with no_sync(), self.autocast():
+                kl_g = self.kl(self._student_f(x[:b]).float(), t[:b])
+            self.scaler_s.scale(cfg.lambda0 * kl_g).backward(inputs=params)
+            with self.autocast():
+                kl_ema = self.kl(self._student_f(x[b:]).float(), t[b:])
+            loss = cfg.lambda0 * kl_g.detach() + cfg.lambda1 * kl_ema
+            self._step(cfg.lambda1 * kl_ema, self.opt_s, self.scaler_s, params)
+        return {"s_loss": loss.detach(), "s_kl_g": kl_g.detach(), "s_kl_ema": kl_ema.detach()}
+
+    def iteration(self, step: int) -> dict[str, torch.Tensor]:
+        """Step ``step`` of the run: a G pretraining step, or g_steps G steps + EMA + s_steps S steps."""
+        if step < self.cfg.g_pretrain_steps:
+            return self.generator_step(pretrain=True)
+        losses = {}
+        for _ in range(self.cfg.g_steps):
+            losses.update(self.generator_step())
+        if self.ema is not None:
+            self.ema_step()
+        for _ in range(self.cfg.s_steps):
+            losses.update(self.student_step())
+        self.sched_g.step()
+        self.sched_s.step()
+        return losses
+
+    def lrs(self) -> dict[str, float]:
+        return {"lr_g": self.opt_g.param_groups[0]["lr"], "lr_s": self.opt_s.param_groups[0]["lr"]}
+
+    def state_dict(self) -> dict:
+        return {"student": self.student_raw.state_dict(), "generator": self.g_raw.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "opt_g": self.opt_g.state_dict(), "opt_s": self.opt_s.state_dict(),
+                "sched_g": self.sched_g.state_dict(), "sched_s": self.sched_s.state_dict(),
+                "scaler_g": self.scaler_g.state_dict(), "scaler_s": self.scaler_s.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student_raw.load_state_dict(state["student"])
+        self.g_raw.load_state_dict(state["generator"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        for name in ("opt_g", "opt_s", "sched_g", "sched_s", "scaler_g", "scaler_s"):
+            getattr(self, name).load_state_dict(state[name])

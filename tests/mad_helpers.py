@@ -1,0 +1,30 @@
+"""Tiny digits teacher and distill configs shared by the trainer, CLI and DDP tests."""
+
+from __future__ import annotations
+
+import os
+
+from madfast.train import DistillConfig, TeacherConfig, train_teacher
+
+_TEACHERS: dict[str, str] = {}
+
+
+def tiny_teacher(root) -> str:
+    """A small_cnn digits teacher (trained once per test session, in seconds)."""
+    key = "small_cnn"
+    if key not in _TEACHERS:
+        out = os.path.join(str(root), "teacher")
+        train_teacher(TeacherConfig(dataset="digits", model="small_cnn", epochs=3, batch_size=64, optimizer="adam",
+                                    lr=3e-3, weight_decay=0.0, out=out, progress=False))
+        _TEACHERS[key] = os.path.join(out, "teacher.pt")
+    return _TEACHERS[key]
+
+
+def tiny_config(teacher_ckpt: str, out, **overrides) -> DistillConfig:
+    """A MAD run of a few seconds: every part of the iteration, at toy sizes."""
+    values = dict(dataset="digits", teacher="small_cnn", teacher_ckpt=teacher_ckpt, student="small_cnn_half",
+                  nz=16, ngf=8, batch_size=16, steps=4, g_pretrain_steps=2, s_steps=2, out=str(out),
+                  log_every=1, eval_every=0, ckpt_every=2, keep_ckpts=2, tensorboard=False, progress=False,
+                  num_workers=0, device="cpu")
+    values.update(overrides)
+    return DistillConfig(**values)

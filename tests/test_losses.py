@@ -1,0 +1,255 @@
+"""kl_div, adversarial_loss and bn_stat_loss on every backend against fp64 references.
+
+Tolerance rule (flash-attention's): a backend's error against the fp64 reference may be at most
+2× (forward) / 3× (gradients) the error of PyTorch's own formula run in the same dtype, or a
+small floor per dtype where PyTorch happens to be exact.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DEVICES, backends_for, skip_unless_available
+from madfast.ops import adversarial_loss, bn_stat_loss, kl_div
+from madfast.ops.kl import torch_kl_div
+
+FLOORS = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(1, 2), (7, 10), (256, 100), (256, 1000), (41, 21843)]
+CASES = [(d, b) for d in DEVICES for b in backends_for(d)]
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-30)).item()
+
+
+def assert_within(actual, expected, torch_same_dtype, dtype, factor, what):
+    bound = max(factor * rel_err(torch_same_dtype, expected), FLOORS[dtype])
+    err = rel_err(actual, expected)
+    assert err <= bound, f"{what}: relative error {err:.3g} > {bound:.3g} (torch in {dtype}: " \
+                         f"{rel_err(torch_same_dtype, expected):.3g})"
+
+
+def eager_kl(s, t, tau, reduction="batchmean"):
+    """PyTorch's own formula, in whatever dtype s and t have."""
+    out = F.kl_div(F.log_softmax(s / tau, 1), F.log_softmax(t / tau, 1), reduction=reduction, log_target=True)
+    return out * tau**2
+
+
+def logits(shape, dtype, device, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(shape, generator=g, dtype=torch.float64) * scale)
+    t = (torch.randn(shape, generator=g, dtype=torch.float64) * scale)
+    return s.to(device=device, dtype=dtype), t.to(device=device, dtype=dtype)
+
+
+def value_and_grads(fn, s, t, grad_out=1.0):
+    s = s.detach().clone().requires_grad_()
+    t = t.detach().clone().requires_grad_()
+    out = fn(s, t)
+    (out * grad_out).sum().backward()
+    return out.detach(), s.grad, t.grad
+
+
+def compare_kl(device, backend, dtype, shape, tau, reduction="batchmean", s=None, t=None, grad_out=1.0):
+    if s is None:
+        s, t = logits(shape, dtype, device)
+    ref = value_and_grads(lambda a, b: eager_kl(a, b, tau, reduction if reduction != "none" else "none").sum(1)
+                          if reduction == "none" else eager_kl(a, b, tau, reduction), s.double(), t.double(), grad_out)
+    same = value_and_grads(lambda a, b: eager_kl(a, b, tau, "none").sum(1) if reduction == "none"
+                           else eager_kl(a, b, tau, reduction), s, t, grad_out)
+    ours = value_and_grads(lambda a, b: kl_div(a, b, tau, reduction, backend=backend), s, t, grad_out)
+    assert ours[0].dtype == dtype and ours[0].shape == ref[0].shape
+    for i, (what, factor) in enumerate([("loss", 2), ("grad student", 3), ("grad teacher", 3)]):
+        assert_within(ours[i], ref[i], same[i], dtype, factor, what)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("tau", [1.0, 4.0, 20.0])
+def test_kl_div_matches_reference(device, backend, dtype, shape, tau):
+    skip_unless_available("kl_div_fwd", backend, device)
+    compare_kl(device, backend, dtype, shape, tau)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+def test_kl_div_reductions_and_grad_output(device, backend, reduction):
+    skip_unless_available("kl_div_fwd", backend, device)
+    compare_kl(device, backend, torch.float32, (13, 37), 2.0, reduction, grad_out=2.0)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_kl_div_extreme_and_equal_logits(device, backend):
+    skip_unless_available("kl_div_fwd", backend, device)
+    s, t = logits((6, 50), torch.float32, device)
+    s[0], t[0] = 1e4, -1e4  # constant rows: uniform distributions, KL 0
+    s[1, ::2], t[1, 1::2] = 1e4, 1e4  # disjoint supports: KL ≈ 2e4 / τ
+    s[1, 1::2], t[1, ::2] = -1e4, -1e4
+    s[2] = t[2]  # identical rows
+    for tau in (1.0, 4.0):
+        ref = value_and_grads(lambda a, b: kl_div(a, b, tau, "none", backend="torch"), s.double(), t.double())
+        ours = value_and_grads(lambda a, b: kl_div(a, b, tau, "none", backend=backend), s, t)
+        for a, b in zip(ours, ref):
+            assert torch.isfinite(a).all()
+            # terms of 2e4 cancel in fp32: a few ulps of 2e4 relative to the largest value
+            torch.testing.assert_close(a.double(), b, rtol=0, atol=2e-4 * b.abs().max().item())
+        assert ours[0][0].abs() < 1e-3 and ours[0][2].abs() < 1e-3
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_kl_div_non_contiguous(device, backend):
+    skip_unless_available("kl_div_fwd", backend, device)
+    s, t = logits((40, 30), torch.float32, device)
+    compare_kl(device, backend, torch.float32, None, 2.0, s=s.t()[:, ::2], t=t.t()[:, ::2])  # column stride ≠ 1
+    compare_kl(device, backend, torch.float32, None, 2.0, s=s[::3, 5:], t=t[::3, 3:28])  # row strides
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_kl_div_gradient_only_where_asked(device, backend):
+    skip_unless_available("kl_div_fwd", backend, device)
+    s, t = logits((5, 9), torch.float32, device)
+    s.requires_grad_()
+    kl_div(s, t, backend=backend).backward()  # the student step: no teacher gradient
+    assert s.grad is not None and t.grad is None
+    with torch.no_grad():
+        assert kl_div(s, t, backend=backend).requires_grad is False
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("kind", ["kl", "l1"])
+@pytest.mark.parametrize("bound", [None, 1e-3, 1e3], ids=["unbounded", "bound_hit", "bound_not_hit"])
+def test_adversarial_loss(device, backend, kind, bound):
+    skip_unless_available("kl_div_fwd" if kind == "kl" else "l1_fwd", backend, device)
+    s, t = logits((17, 10), torch.float32, device)
+    ref = value_and_grads(lambda a, b: adversarial_loss(a, b, bound, kind, 2.0, backend="torch"), s.double(),
+                          t.double(), 2.0)
+    ours = value_and_grads(lambda a, b: adversarial_loss(a, b, bound, kind, 2.0, backend=backend), s, t, 2.0)
+    if kind == "l1":
+        expected = -(s.double() - t.double()).abs().mean()
+        torch.testing.assert_close(ref[0], expected if bound is None else -torch.clamp(-expected, max=bound))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+    if bound == 1e-3:
+        assert ours[0].item() == pytest.approx(-1e-3) and ours[1].abs().max() == 0 and ours[2].abs().max() == 0
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("shape,channels_last", [((3, 5, 7, 9), False), ((3, 5, 7, 9), True), ((2, 64, 33, 31), False),
+                                                 ((2, 64, 33, 31), True), ((1, 1, 1, 1), False), ((4, 3, 1, 1), True)])
+def test_bn_stat_loss_matches_reference(device, backend, dtype, shape, channels_last):
+    skip_unless_available("channel_moments", backend, device)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 3)
+    rm, rv = torch.randn(shape[1], generator=g, dtype=torch.float64), torch.rand(shape[1], generator=g,
+                                                                                 dtype=torch.float64) + 0.5
+    x, rm, rv = x.to(device), rm.to(device), rv.to(device)
+
+    def run(fn, x):
+        x = x.detach().clone()
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        out = fn(x)
+        (out * 2).backward()  # grad_output ≠ 1
+        return out.detach(), x.grad
+
+    def eager(x):
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+        return torch.linalg.vector_norm(mean - rm.to(x.dtype)) + torch.linalg.vector_norm(var - rv.to(x.dtype))
+
+    ref = run(eager, x)
+    same = run(eager, x.to(dtype))
+    ours = run(lambda a: bn_stat_loss(a, rm.to(dtype), rv.to(dtype), backend=backend), x.to(dtype))
+    assert ours[0].dtype == dtype
+    if channels_last:
+        assert ours[1].is_contiguous(memory_format=torch.channels_last)
+    assert_within(ours[0], ref[0], same[0], dtype, 2, "loss")
+    if shape[0] * shape[2] * shape[3] > 1:  # a single element has zero variance: norm gradient at 0
+        assert_within(ours[1], ref[1], same[1], dtype, 3, "grad x")
+
+
+@pytest.mark.parametrize("device,backend", [c for c in CASES if c[1] != "torch"])
+def test_fused_ops_gradcheck_in_float64(device, backend):
+    for op in ("kl_div_fwd", "channel_moments"):
+        skip_unless_available(op, backend, device)
+    s, t = logits((3, 7), torch.float64, device)
+    s.requires_grad_()
+    t.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: kl_div(a, b, 3.0, "none", backend=backend), (s, t))
+    assert torch.autograd.gradcheck(lambda a, b: adversarial_loss(a, b, None, "l1", backend=backend), (s, t))
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
+    rm, rv = torch.zeros(3, dtype=torch.float64, device=device), torch.ones(3, dtype=torch.float64, device=device)
+    assert torch.autograd.gradcheck(lambda a: bn_stat_loss(a, rm, rv, backend=backend), (x,))
+
+
+def test_reference_gradcheck_in_float64():
+    s, t = logits((3, 7), torch.float64, "cpu")
+    assert torch.autograd.gradcheck(lambda a, b: torch_kl_div(a, b, 2.0, "none"),
+                                    (s.requires_grad_(), t.requires_grad_()))
+
+
+@pytest.mark.parametrize("device,backend", [c for c in CASES if c[1] != "torch"])
+def test_opcheck(device, backend):
+    for op in ("kl_div_fwd", "l1_fwd", "channel_moments"):
+        skip_unless_available(op, backend, device)
+    from madfast._backend import compiled_op
+
+    s, t = logits((5, 11), torch.float32, device)
+    for grads in [(True, True), (True, False), (False, False)]:
+        torch.library.opcheck(compiled_op("kl_div_fwd", backend),
+                              (s.clone().requires_grad_(grads[0]), t.clone().requires_grad_(grads[1]), 2.0, *grads))
+    torch.library.opcheck(compiled_op("l1_fwd", backend), (s.clone().requires_grad_(), t, True))
+    x = torch.randn(2, 3, 5, 4, device=device, requires_grad=True)
+    torch.library.opcheck(compiled_op("channel_moments", backend), (x,))
+    mean = x.detach().mean((0, 2, 3))
+    torch.library.opcheck(compiled_op("channel_moments_backward", backend),
+                          (torch.randn(3, device=device), torch.randn(3, device=device), x.detach(), mean))
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_compile_fullgraph(device, backend):
+    for op in ("kl_div_fwd", "l1_fwd", "channel_moments"):
+        skip_unless_available(op, backend, device)
+    torch._dynamo.reset()
+
+    def step(s, t, x, rm, rv):
+        return (kl_div(s, t, 4.0, backend=backend) + adversarial_loss(s, t, 2.0, "kl", backend=backend)
+                + adversarial_loss(s, t, None, "l1", backend=backend) + bn_stat_loss(x, rm, rv, backend=backend))
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    s, t = logits((8, 10), torch.float32, device)
+    x = torch.randn(4, 3, 5, 5, device=device)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    eager = value_and_grads(lambda a, b: step(a, b, x, rm, rv), s, t)
+    ours = value_and_grads(lambda a, b: compiled(a, b, x, rm, rv), s, t)
+    for a, b in zip(ours, eager):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_bad_input(device, backend):
+    s, t = logits((4, 5), torch.float32, device)
+    x = torch.randn(2, 3, 4, 4, device=device)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    cases = [
+        (ValueError, "teacher_logits has shape", lambda: kl_div(s, t[:, :4], backend=backend)),
+        (TypeError, "teacher_logits has dtype", lambda: kl_div(s, t.double(), backend=backend)),
+        (ValueError, "student_logits must be 2-D", lambda: kl_div(s[0], t[0], backend=backend)),
+        (TypeError, "student_logits must be a floating", lambda: kl_div(s.long(), t.long(), backend=backend)),
+        (ValueError, "temperature must be > 0", lambda: kl_div(s, t, 0.0, backend=backend)),
+        (ValueError, "temperature must be > 0", lambda: adversarial_loss(s, t, temperature=-1.0, backend=backend)),
+        (ValueError, "reduction must be one of", lambda: kl_div(s, t, reduction="avg", backend=backend)),
+        (ValueError, "kind must be one of", lambda: adversarial_loss(s, t, kind="l2", backend=backend)),
+        (TypeError, "bound must be a number", lambda: adversarial_loss(s, t, bound="3", backend=backend)),
+        (ValueError, "running_mean has 4 entries but x has 3 channels",
+         lambda: bn_stat_loss(x, torch.zeros(4, device=device), rv, backend=backend)),
+        (ValueError, "running_var has 2 entries", lambda: bn_stat_loss(x, rm, rv[:2], backend=backend)),
+        (ValueError, "x must be 4-D", lambda: bn_stat_loss(x[0], rm, rv, backend=backend)),
+        (ValueError, "teacher_logits is on meta", lambda: kl_div(s, t.to("meta"), backend=backend)),
+    ]
+    for exc, match, call in cases:
+        with pytest.raises(exc, match=match):
+            call()
