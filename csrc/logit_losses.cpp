@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "logit_losses.h"
 
@@ -26,39 +27,40 @@ void kl_rows_cpu(const at::Tensor& s, const at::Tensor& t, double temperature, a
   scalar_t* gsp = gs.numel() ? gs.data_ptr<scalar_t>() : nullptr;
   scalar_t* gtp = gt.numel() ? gt.data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, B, /*grain_size=*/std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t b0, int64_t b1) {
+    // Per row: x/T - max and its exponential, kept so that each element costs two exps.
+    std::vector<acc_t> ds(C), dt(C), es(C), et(C);
     for (int64_t b = b0; b < b1; ++b) {
       const scalar_t* srow = sp + b * ss;
       const scalar_t* trow = tp + b * ts;
       acc_t max_s = -std::numeric_limits<acc_t>::infinity(), max_t = max_s;
       for (int64_t c = 0; c < C; ++c) {
-        max_s = std::max(max_s, acc_t(srow[c]) * inv_tau);
-        max_t = std::max(max_t, acc_t(trow[c]) * inv_tau);
+        ds[c] = acc_t(srow[c]) * inv_tau;
+        dt[c] = acc_t(trow[c]) * inv_tau;
+        max_s = std::max(max_s, ds[c]);
+        max_t = std::max(max_t, dt[c]);
       }
-      acc_t sum_s = 0, sum_t = 0;
+      double sum_s = 0, sum_t = 0;  // long rows (21k classes) need more than fp32 to sum
       for (int64_t c = 0; c < C; ++c) {
-        sum_s += std::exp(acc_t(srow[c]) * inv_tau - max_s);
-        sum_t += std::exp(acc_t(trow[c]) * inv_tau - max_t);
+        ds[c] -= max_s;
+        dt[c] -= max_t;
+        es[c] = std::exp(ds[c]);
+        et[c] = std::exp(dt[c]);
+        sum_s += es[c];
+        sum_t += et[c];
       }
       // log p = (x - max) - log sum: never forms max + log sum, which loses digits for |x| ~ 1e4.
-      const acc_t log_s = std::log(sum_s), log_t = std::log(sum_t);
-      const auto log_probs = [&](int64_t c, acc_t& lps, acc_t& lpt) {
-        lps = (acc_t(srow[c]) * inv_tau - max_s) - log_s;
-        lpt = (acc_t(trow[c]) * inv_tau - max_t) - log_t;
-      };
-      acc_t kl = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        acc_t lps, lpt;
-        log_probs(c, lps, lpt);
-        kl += std::exp(lpt) * (lpt - lps);
-      }
+      const acc_t log_s = acc_t(std::log(sum_s)), log_t = acc_t(std::log(sum_t));
+      const acc_t inv_sum_s = acc_t(1.0 / sum_s), inv_sum_t = acc_t(1.0 / sum_t);
+      double kl_sum = 0;
+      for (int64_t c = 0; c < C; ++c) kl_sum += et[c] * inv_sum_t * ((dt[c] - log_t) - (ds[c] - log_s));
+      const acc_t kl = acc_t(kl_sum);
       lp[b] = kl * tau * tau;
-      if (gsp == nullptr && gtp == nullptr) continue;
-      for (int64_t c = 0; c < C; ++c) {
-        acc_t lps, lpt;
-        log_probs(c, lps, lpt);
-        const acc_t pt = std::exp(lpt);
-        if (gsp) gsp[b * C + c] = static_cast<scalar_t>(tau * (std::exp(lps) - pt));
-        if (gtp) gtp[b * C + c] = static_cast<scalar_t>(tau * pt * (lpt - lps - kl));
+      for (int64_t c = 0; gsp != nullptr && c < C; ++c) {
+        gsp[b * C + c] = static_cast<scalar_t>(tau * (es[c] * inv_sum_s - et[c] * inv_sum_t));
+      }
+      for (int64_t c = 0; gtp != nullptr && c < C; ++c) {
+        const acc_t pt = et[c] * inv_sum_t;
+        gtp[b * C + c] = static_cast<scalar_t>(tau * pt * ((dt[c] - log_t) - (ds[c] - log_s) - kl));
       }
     }
   });
@@ -90,13 +92,13 @@ std::tuple<at::Tensor, at::Tensor> l1_fwd_cpu(const at::Tensor& student, const a
     scalar_t* gsp = gs.numel() ? gs.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        acc_t total = 0;
+        double total = 0;
         for (int64_t c = 0; c < C; ++c) {
           const acc_t d = acc_t(sp[b * ss + c]) - acc_t(tp[b * ts + c]);
           total += std::abs(d);
           if (gsp) gsp[b * C + c] = static_cast<scalar_t>((d > 0) - (d < 0));
         }
-        lp[b] = total;
+        lp[b] = acc_t(total);
       }
     });
   });

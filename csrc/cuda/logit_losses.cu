@@ -18,22 +18,23 @@ constexpr int kWarp = 32;
 constexpr int kRowsPerBlock = 8;
 
 // Merges per-lane online-softmax states (max m, sum of exp(x - m)) across the warp.
+// Row sums are carried in double: a lane adds up to C/32 terms (700 for 21k classes), more
+// than fp32 sums without visible error; the exponentials stay in acc_t.
 template <typename acc_t>
-__device__ void warp_merge_lse(acc_t& m, acc_t& sum) {
+__device__ void warp_merge_lse(acc_t& m, double& sum) {
 #pragma unroll
   for (int offset = kWarp / 2; offset > 0; offset /= 2) {
     const acc_t om = __shfl_xor_sync(0xffffffff, m, offset);
-    const acc_t osum = __shfl_xor_sync(0xffffffff, sum, offset);
+    const double osum = __shfl_xor_sync(0xffffffff, sum, offset);
     const acc_t nm = m > om ? m : om;
     if (nm != -std::numeric_limits<acc_t>::infinity()) {  // lanes that saw no element hold (-inf, 0)
-      sum = sum * std::exp(m - nm) + osum * std::exp(om - nm);
+      sum = sum * double(std::exp(m - nm)) + osum * double(std::exp(om - nm));
       m = nm;
     }
   }
 }
 
-template <typename acc_t>
-__device__ acc_t warp_sum(acc_t v) {
+__device__ double warp_sum(double v) {
 #pragma unroll
   for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffff, v, offset);
   return v;
@@ -52,23 +53,24 @@ __global__ void kl_div_fwd_kernel(const scalar_t* __restrict__ s, const scalar_t
   const scalar_t* trow = t + row * t_stride;
   const acc_t inv_tau = acc_t(1) / tau;
 
-  acc_t m_s = -std::numeric_limits<acc_t>::infinity(), m_t = m_s, sum_s = 0, sum_t = 0;
+  acc_t m_s = -std::numeric_limits<acc_t>::infinity(), m_t = m_s;
+  double sum_s = 0, sum_t = 0;
   for (int64_t c = lane; c < C; c += kWarp) {
     const acc_t xs = acc_t(srow[c]) * inv_tau, xt = acc_t(trow[c]) * inv_tau;
-    if (xs > m_s) { sum_s = sum_s * std::exp(m_s - xs) + acc_t(1); m_s = xs; } else { sum_s += std::exp(xs - m_s); }
-    if (xt > m_t) { sum_t = sum_t * std::exp(m_t - xt) + acc_t(1); m_t = xt; } else { sum_t += std::exp(xt - m_t); }
+    if (xs > m_s) { sum_s = sum_s * double(std::exp(m_s - xs)) + 1.0; m_s = xs; } else { sum_s += std::exp(xs - m_s); }
+    if (xt > m_t) { sum_t = sum_t * double(std::exp(m_t - xt)) + 1.0; m_t = xt; } else { sum_t += std::exp(xt - m_t); }
   }
   warp_merge_lse(m_s, sum_s);
   warp_merge_lse(m_t, sum_t);
   // log p = (x - max) - log sum: never forms max + log sum, which loses digits for |x| ~ 1e4.
-  const acc_t log_s = std::log(sum_s), log_t = std::log(sum_t);
+  const acc_t log_s = acc_t(std::log(sum_s)), log_t = acc_t(std::log(sum_t));
 
-  acc_t kl = 0;
+  double kl_sum = 0;
   for (int64_t c = lane; c < C; c += kWarp) {
     const acc_t lpt = (acc_t(trow[c]) * inv_tau - m_t) - log_t, lps = (acc_t(srow[c]) * inv_tau - m_s) - log_s;
-    kl += std::exp(lpt) * (lpt - lps);
+    kl_sum += std::exp(lpt) * (lpt - lps);
   }
-  kl = warp_sum(kl);
+  const acc_t kl = acc_t(warp_sum(kl_sum));
   if (lane == 0) loss[row] = kl * tau * tau;
   if (gs == nullptr && gt == nullptr) return;
   for (int64_t c = lane; c < C; c += kWarp) {
@@ -87,14 +89,14 @@ __global__ void l1_fwd_kernel(const scalar_t* __restrict__ s, const scalar_t* __
   const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (row >= B) return;
-  acc_t total = 0;
+  double total = 0;
   for (int64_t c = lane; c < C; c += kWarp) {
     const acc_t d = acc_t(s[row * s_stride + c]) - acc_t(t[row * t_stride + c]);
     total += std::abs(d);
     if (gs) gs[row * C + c] = static_cast<scalar_t>(acc_t((d > 0) - (d < 0)));
   }
   total = warp_sum(total);
-  if (lane == 0) loss[row] = total;
+  if (lane == 0) loss[row] = acc_t(total);
 }
 
 unsigned blocks_for(int64_t B) { return static_cast<unsigned>((B + kRowsPerBlock - 1) / kRowsPerBlock); }

@@ -1,7 +1,7 @@
 """Triton kernels of the per-channel moments of x (N, C, H, W) and their backward.
 
 Moments: one program per channel, shifted sums (x − pivot) so that E[x²] − E[x]² does not
-cancel when |mean| ≫ std; one read of x. Backward: grad_x = a_c + b_c·x in x's memory order,
+cancel when |mean| ≫ std, accumulated in fp64 (a lane adds M/BLOCK terms); one read of x. Backward: grad_x = a_c + b_c·x in x's memory order,
 one read and one write. Contiguous and channels_last inputs are read in place.
 """
 
@@ -41,18 +41,19 @@ def _moments_kernel(
     base = x_ptr + c * s_c
     M = N * HW
     pivot = tl.load(base).to(ACC)
-    s1 = tl.zeros((BLOCK,), ACC)
-    s2 = tl.zeros((BLOCK,), ACC)
+    s1 = tl.zeros((BLOCK,), tl.float64)
+    s2 = tl.zeros((BLOCK,), tl.float64)
     for start in range(0, M, BLOCK):
         i = start + tl.arange(0, BLOCK).to(tl.int64)
         n = i // HW
         mask = i < M
         d = tl.where(mask, tl.load(base + n * s_n + (i - n * HW) * s_hw, mask=mask, other=0.0).to(ACC) - pivot, 0.0)
+        d = d.to(tl.float64)
         s1 += d
         s2 += d * d
     m1 = tl.sum(s1, 0) / M
-    tl.store(mean_ptr + c, pivot + m1)
-    tl.store(var_ptr + c, tl.sum(s2, 0) / M - m1 * m1)
+    tl.store(mean_ptr + c, (pivot.to(tl.float64) + m1).to(ACC))
+    tl.store(var_ptr + c, (tl.sum(s2, 0) / M - m1 * m1).to(ACC))
 
 
 @triton.jit
