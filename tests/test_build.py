@@ -20,14 +20,19 @@ def _cuda_build_expected() -> bool:
     return found if forced is None else forced == "1"
 
 
-def test_extension_is_loaded_with_cpu_kernel():
+COMPILED_OPS = ["ema_update_", "kl_div_fwd", "l1_fwd", "channel_moments", "channel_moments_backward"]
+
+
+@pytest.mark.parametrize("op", COMPILED_OPS)
+def test_extension_is_loaded_with_cpu_kernel(op):
     assert _backend.extension_loaded()
-    assert _backend.has_kernel("ema_update_", "CPU")
+    assert _backend.has_kernel(op, "CPU")
 
 
 @pytest.mark.skipif(not _cuda_build_expected(), reason="no nvcc or CPU-only torch: CUDA kernels not built")
-def test_cuda_kernel_is_compiled_and_registered():
-    assert _backend.has_kernel("ema_update_", "CUDA"), "setup.py should have compiled csrc/cuda/ema.cu"
+@pytest.mark.parametrize("op", COMPILED_OPS)
+def test_cuda_kernel_is_compiled_and_registered(op):
+    assert _backend.has_kernel(op, "CUDA"), f"setup.py should have compiled the CUDA kernel of {op} (csrc/cuda/)"
 
 
 def test_has_kernel_for_unknown_op_is_false():
