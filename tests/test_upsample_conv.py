@@ -1,4 +1,4 @@
-"""The fused upsample×2 → conv3×3 forward (Triton implicit GEMM) against the torch reference."""
+"""The fused upsample×2 → conv3×3 (Triton implicit GEMMs, forward and backward) against the torch reference."""
 
 import pytest
 import torch
@@ -65,6 +65,8 @@ def test_opcheck_and_compile():
     skip_unless_available("upsample_conv", "triton", "cpu")
     x, w = torch.randn(2, 3, 4, 5, requires_grad=True), torch.randn(4, 3, 3, 3, requires_grad=True)
     torch.library.opcheck(torch.ops.madfast.upsample_conv_triton, (x, w, True))
+    g = torch.randn(2, 4, 8, 10)
+    torch.library.opcheck(torch.ops.madfast.upsample_conv_backward_triton, (g, x.detach(), w.detach(), True, True))
     torch._dynamo.reset()
     compiled = torch.compile(lambda a, b: upsample_conv(a, b, stats=True, backend="triton")[0].sum(),
                              fullgraph=True, backend="aot_eager")

@@ -1,9 +1,9 @@
 """madfast.ops.upsample_conv: conv3×3(bilinear-upsample×2(x)) with BatchNorm's per-channel sums.
 
-Forward: the fused Triton implicit GEMM (``madfast::upsample_conv_triton``) on the "triton"
-backend, the torch reference otherwise. Backward (for now): ATen's convolution backward on a
-recomputed upsample -- correct, but it still materialises the 4× tensor; the fused adjoint
-kernels and the CUDA forward are the open part of the generator-block issue.
+On the "triton" backend (``madfast::upsample_conv_triton``) no up-sampled tensor is ever
+written: the forward is an implicit GEMM whose loader interpolates, the weight gradient the same
+GEMM transposed, and the input gradient a conv-transpose GEMM chained with the bilinear adjoint
+per tile of input pixels. Other backends run the torch reference. Not yet tuned on a GPU.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 
 import torch
-import torch.nn.functional as F
 
 from madfast import _backend
 from madfast.ops._checks import check_floating, check_same
@@ -44,27 +43,39 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, g_y, _g_sum, _g_sumsq):
     # The sums are statistics for BatchNorm's running averages; gradients flow through y only.
     x, weight = ctx.saved_tensors
-    up = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
-    g_up, g_w, _ = torch.ops.aten.convolution_backward(
-        g_y, up, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-        [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
-    g_x = None
-    if ctx.needs_input_grad[0]:
-        _, g_x = torch.func.vjp(lambda t: F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=True), x)
-        g_x = g_x(g_up)[0]
-    return g_x, g_w, None
+    g_x, g_w = torch.ops.madfast.upsample_conv_backward_triton(g_y, x, weight, *ctx.needs_input_grad[:2])
+    return (g_x if ctx.needs_input_grad[0] else None), (g_w if ctx.needs_input_grad[1] else None), None
+
+
+def _fake_backward(grad_y, x, weight, grad_input, grad_weight):
+    return (torch.empty_like(x) if grad_input else x.new_empty(0),
+            torch.empty_like(weight) if grad_weight else weight.new_empty(0))
 
 
 if importlib.util.find_spec("triton") is not None:
-    from madfast.ops.upsample_conv.triton_kernel import triton_upsample_conv_fwd
+    from madfast.ops.upsample_conv.triton_kernel import (
+        triton_upsample_conv_fwd,
+        triton_upsample_conv_grad_input,
+        triton_upsample_conv_grad_weight,
+    )
 
     @torch.library.custom_op("madfast::upsample_conv_triton", mutates_args=())
     def _upsample_conv_triton(x: torch.Tensor, weight: torch.Tensor,
                               stats: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return triton_upsample_conv_fwd(x, weight, stats)
 
+    @torch.library.custom_op("madfast::upsample_conv_backward_triton", mutates_args=())
+    def _upsample_conv_backward_triton(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, grad_input: bool,
+                                       grad_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        grad_y = grad_y.contiguous()
+        g_x = triton_upsample_conv_grad_input(grad_y, weight, x.shape, x) if grad_input else x.new_empty(0)
+        g_w = (triton_upsample_conv_grad_weight(x, grad_y, weight.shape).to(weight.dtype) if grad_weight
+               else weight.new_empty(0))
+        return g_x, g_w
+
     _upsample_conv_triton.register_fake(_fake)
     _upsample_conv_triton.register_autograd(_backward, setup_context=_setup)
+    _upsample_conv_backward_triton.register_fake(_fake_backward)
 
 
 def upsample_conv(x: torch.Tensor, weight: torch.Tensor, *, stats: bool = False,

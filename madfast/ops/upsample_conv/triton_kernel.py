@@ -16,7 +16,33 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["triton_upsample_conv_fwd"]
+__all__ = ["triton_upsample_conv_fwd", "triton_upsample_conv_grad_weight", "triton_upsample_conv_grad_input"]
+
+
+@triton.jit
+def _gather_upsampled(x_ptr, n, oh, ow, m_ok, k, K, H, W, OH, OW, scale_h, scale_w, sx_n, sx_c, sx_h, sx_w):
+    """[len(m), len(k)] tile of the implicit-GEMM operand: upsample×2(x) at the 3×3 taps k of
+    output pixels (n, oh, ow), interpolated from four reads of the low-resolution x (0 in padding)."""
+    ci = k // 9
+    kh = (k % 9) // 3
+    kw = k % 3
+    u = oh[:, None] + kh[None, :] - 1  # row in the upsampled image
+    v = ow[:, None] + kw[None, :] - 1
+    ok = m_ok[:, None] & (k < K)[None, :] & (u >= 0) & (u < OH) & (v >= 0) & (v < OW)
+    src_h = u.to(tl.float32) * scale_h
+    src_w = v.to(tl.float32) * scale_w
+    h0 = tl.minimum(tl.maximum(src_h.to(tl.int32), 0), H - 1)  # src ≥ 0 wherever ok
+    w0 = tl.minimum(tl.maximum(src_w.to(tl.int32), 0), W - 1)
+    h1 = tl.minimum(h0 + 1, H - 1)
+    w1 = tl.minimum(w0 + 1, W - 1)
+    lh = src_h - h0.to(tl.float32)
+    lw = src_w - w0.to(tl.float32)
+    base = x_ptr + n[:, None] * sx_n + ci[None, :] * sx_c
+    x00 = tl.load(base + h0 * sx_h + w0 * sx_w, mask=ok, other=0.0).to(tl.float32)
+    x01 = tl.load(base + h0 * sx_h + w1 * sx_w, mask=ok, other=0.0).to(tl.float32)
+    x10 = tl.load(base + h1 * sx_h + w0 * sx_w, mask=ok, other=0.0).to(tl.float32)
+    x11 = tl.load(base + h1 * sx_h + w1 * sx_w, mask=ok, other=0.0).to(tl.float32)
+    return (1 - lh) * ((1 - lw) * x00 + lw * x01) + lh * ((1 - lw) * x10 + lw * x11)
 
 
 @triton.jit
@@ -42,26 +68,7 @@ def _upsample_conv_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        ci = k // 9
-        kh = (k % 9) // 3
-        kw = k % 3
-        u = oh[:, None] + kh[None, :] - 1  # row in the upsampled image
-        v = ow[:, None] + kw[None, :] - 1
-        ok = m_ok[:, None] & (k < K)[None, :] & (u >= 0) & (u < OH) & (v >= 0) & (v < OW)
-        src_h = u.to(tl.float32) * scale_h
-        src_w = v.to(tl.float32) * scale_w
-        h0 = tl.minimum(tl.maximum(src_h.to(tl.int32), 0), H - 1)  # src ≥ 0 wherever ok
-        w0 = tl.minimum(tl.maximum(src_w.to(tl.int32), 0), W - 1)
-        h1 = tl.minimum(h0 + 1, H - 1)
-        w1 = tl.minimum(w0 + 1, W - 1)
-        lh = src_h - h0.to(tl.float32)
-        lw = src_w - w0.to(tl.float32)
-        base = x_ptr + n[:, None] * sx_n + ci[None, :] * sx_c
-        x00 = tl.load(base + h0 * sx_h + w0 * sx_w, mask=ok, other=0.0).to(tl.float32)
-        x01 = tl.load(base + h0 * sx_h + w1 * sx_w, mask=ok, other=0.0).to(tl.float32)
-        x10 = tl.load(base + h1 * sx_h + w0 * sx_w, mask=ok, other=0.0).to(tl.float32)
-        x11 = tl.load(base + h1 * sx_h + w1 * sx_w, mask=ok, other=0.0).to(tl.float32)
-        a = (1 - lh) * ((1 - lw) * x00 + lw * x01) + lh * ((1 - lw) * x10 + lw * x11)
+        a = _gather_upsampled(x_ptr, n, oh, ow, m_ok, k, K, H, W, OH, OW, scale_h, scale_w, sx_n, sx_c, sx_h, sx_w)
         b = tl.load(w_ptr + co[None, :] * K + k[:, None], mask=co_ok[None, :] & (k < K)[:, None], other=0.0)
         if LOWP:  # tensor cores in the input precision, fp32 accumulation
             acc += tl.dot(a.to(b.dtype), b)
@@ -75,6 +82,141 @@ def _upsample_conv_fwd_kernel(
         yv = tl.where(keep, out.to(tl.float32), 0.0)
         tl.atomic_add(sum_ptr + co, tl.sum(yv, 0), mask=co_ok)
         tl.atomic_add(sumsq_ptr + co, tl.sum(yv * yv, 0), mask=co_ok)
+
+
+@triton.jit
+def _upsample_conv_grad_weight_kernel(
+    x_ptr,  # (N, Cin, H, W), strides sx_*
+    gy_ptr,  # (N, Cout, OH, OW), strides sg_*
+    gw_ptr,  # (Cout, Cin·9) fp32 contiguous
+    NB, Cin, H, W, Cout, OH, OW, scale_h, scale_w,
+    sx_n, sx_c, sx_h, sx_w, sg_n, sg_c, sg_h, sg_w,
+    LOWP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """grad_w[co, k] = Σ_m grad_y[m, co]·A[m, k], A gathered as in the forward: no upsampled tensor."""
+    pid_n = tl.program_id(0).to(tl.int64)  # output channels
+    pid_k = tl.program_id(1).to(tl.int64)  # taps
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    co_ok = co < Cout
+    K = Cin * 9
+    M = NB * OH * OW
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = m < M
+        n = m // (OH * OW)
+        oh = (m // OW) % OH
+        ow = m % OW
+        a = _gather_upsampled(x_ptr, n, oh, ow, m_ok, k, K, H, W, OH, OW, scale_h, scale_w, sx_n, sx_c, sx_h, sx_w)
+        g = tl.load(gy_ptr + co[:, None] * sg_c + n[None, :] * sg_n + oh[None, :] * sg_h + ow[None, :] * sg_w,
+                    mask=co_ok[:, None] & m_ok[None, :], other=0.0)
+        if LOWP:
+            acc += tl.dot(g, a.to(g.dtype))
+        else:
+            acc += tl.dot(g.to(tl.float32), a, input_precision="ieee")
+    tl.store(gw_ptr + co[:, None] * K + k[None, :], acc, mask=co_ok[:, None] & (k < K)[None, :])
+
+
+def triton_upsample_conv_grad_weight(x: torch.Tensor, grad_y: torch.Tensor, weight_shape: torch.Size,
+                                     block_m: int = 32, block_n: int = 32, block_k: int = 32) -> torch.Tensor:
+    """The weight gradient of conv3×3(upsample×2(x)) given grad_y, in fp32 (Cout, Cin, 3, 3)."""
+    N, Cin, H, W = x.shape
+    Cout = weight_shape[0]
+    OH, OW = 2 * H, 2 * W
+    gw = torch.zeros((Cout, Cin * 9), dtype=torch.float32, device=x.device)
+    if x.numel() == 0 or Cout == 0:
+        return gw.reshape(weight_shape)
+    grid = (triton.cdiv(Cout, block_n), triton.cdiv(Cin * 9, block_k))
+    _upsample_conv_grad_weight_kernel[grid](
+        x, grad_y, gw, N, Cin, H, W, Cout, OH, OW, (H - 1) / (OH - 1), (W - 1) / (OW - 1),
+        *x.stride(), *grad_y.stride(),
+        LOWP=x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and not _interpreted()),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    return gw.reshape(weight_shape)
+
+
+TILE_H, TILE_W = 8, 4  # input pixels per grad-input program; their up-sampled region fits 20×12 ≤ 256
+REGION = 256
+
+
+@triton.jit
+def _bilinear_weight(u, h, scale, H):
+    """Weight of low-resolution row h in up-sampled row u (align_corners=True)."""
+    src = u.to(tl.float32) * scale
+    h0 = tl.minimum(src.to(tl.int32), H - 1)
+    h1 = tl.minimum(h0 + 1, H - 1)
+    frac = src - h0.to(tl.float32)
+    return tl.where(h0 == h, 1.0 - frac, 0.0) + tl.where(h1 == h, frac, 0.0)
+
+
+@triton.jit
+def _upsample_conv_grad_input_kernel(
+    gy_ptr,  # (N, Cout, OH, OW), strides sg_*
+    w_ptr,  # (Cout·9, Cin) contiguous: the weight with taps first
+    gx_ptr,  # (N, Cin, H, W), strides sx_*
+    Cin, H, W, Cout, OH, OW, scale_h, scale_w, tiles_h, tiles_w,
+    sg_n, sg_c, sg_h, sg_w, sx_n, sx_c, sx_h, sx_w,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, REGION: tl.constexpr, REGION_W: tl.constexpr,
+    BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """grad_x = bilinear-adjoint(conv-transpose(grad_y)) one tile of input pixels at a time: the
+    up-sampled gradient of the tile's region lives only in registers (two chained GEMMs)."""
+    pid = tl.program_id(0).to(tl.int64)
+    n = pid // (tiles_h * tiles_w)
+    h_lo = (pid // tiles_w) % tiles_h * TILE_H
+    w_lo = pid % tiles_w * TILE_W
+    ci = tl.program_id(1).to(tl.int64) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    ci_ok = ci < Cin
+    # The up-sampled rows/columns that can touch input rows [h_lo, h_lo + TILE_H): 2h − 2 ≤ u < 2h + 4.
+    p = tl.arange(0, REGION)
+    u = tl.maximum(2 * h_lo - 2, 0) + p // REGION_W
+    v = tl.maximum(2 * w_lo - 2, 0) + p % REGION_W
+    p_ok = (u < OH) & (v < OW)
+    # 1) the up-sampled gradient of the region: conv-transpose as a GEMM over (co, kh, kw)
+    K = Cout * 9
+    g_up = tl.zeros((REGION, BLOCK_CI), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        co = k // 9
+        kh = (k % 9) // 3
+        kw = k % 3
+        y_row = u[:, None] + 1 - kh[None, :]
+        y_col = v[:, None] + 1 - kw[None, :]
+        ok = p_ok[:, None] & (k < K)[None, :] & (y_row >= 0) & (y_row < OH) & (y_col >= 0) & (y_col < OW)
+        g = tl.load(gy_ptr + n * sg_n + co[None, :] * sg_c + y_row * sg_h + y_col * sg_w, mask=ok, other=0.0)
+        wt = tl.load(w_ptr + k[:, None] * Cin + ci[None, :], mask=(k < K)[:, None] & ci_ok[None, :], other=0.0)
+        g_up += tl.dot(g.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
+    # 2) the bilinear adjoint: grad_x[i] = Σ_p weight(p → i)·g_up[p]
+    i = tl.arange(0, TILE_H * TILE_W)
+    h = h_lo + i // TILE_W
+    w = w_lo + i % TILE_W
+    i_ok = (h < H) & (w < W)
+    b = _bilinear_weight(u[None, :], h[:, None], scale_h, H) * _bilinear_weight(v[None, :], w[:, None], scale_w, W)
+    b = tl.where(i_ok[:, None] & p_ok[None, :], b, 0.0)
+    gx = tl.dot(b, g_up, input_precision="ieee")
+    tl.store(gx_ptr + n * sx_n + ci[None, :] * sx_c + h[:, None] * sx_h + w[:, None] * sx_w,
+             gx.to(gx_ptr.dtype.element_ty), mask=i_ok[:, None] & ci_ok[None, :])
+
+
+def triton_upsample_conv_grad_input(grad_y: torch.Tensor, weight: torch.Tensor, x_shape: torch.Size,
+                                    x_like: torch.Tensor, block_ci: int = 32, block_k: int = 32) -> torch.Tensor:
+    """The input gradient of conv3×3(upsample×2(x)) given grad_y, in x's dtype and layout."""
+    N, Cin, H, W = x_shape
+    Cout = weight.shape[0]
+    gx = torch.empty_like(x_like)
+    if gx.numel() == 0:
+        return gx
+    if Cout == 0:
+        return gx.zero_()
+    w = weight.permute(0, 2, 3, 1).reshape(Cout * 9, Cin).contiguous()  # rows (co, kh, kw) as in the loop
+    tiles_h, tiles_w = triton.cdiv(H, TILE_H), triton.cdiv(W, TILE_W)
+    grid = (N * tiles_h * tiles_w, triton.cdiv(Cin, block_ci))
+    _upsample_conv_grad_input_kernel[grid](
+        grad_y, w, gx, Cin, H, W, Cout, 2 * H, 2 * W, (H - 1) / (2 * H - 1), (W - 1) / (2 * W - 1), tiles_h, tiles_w,
+        *grad_y.stride(), *gx.stride(),
+        TILE_H=TILE_H, TILE_W=TILE_W, REGION=REGION, REGION_W=2 * TILE_W + 4, BLOCK_CI=block_ci, BLOCK_K=block_k)
+    return gx
 
 
 def _interpreted() -> bool:
