@@ -19,8 +19,10 @@ def rel_err(a, b):
 def run(fn, x, w):
     x, w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     y, s, ss = fn(x, w)
-    y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape))  # grad_output ≠ 1
-    return [y.detach(), s, ss, x.grad, w.grad]
+    # grad_output ≠ 1, and gradients through the statistics too (as train-mode BN takes them)
+    loss = (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)).sum()
+    (loss + (s.double() * 0.01).sum() + (ss.double() * 1e-3).sum()).backward()
+    return [y.detach(), s.detach(), ss.detach(), x.grad, w.grad]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -37,12 +37,16 @@ def _fake(x, weight, stats):
 
 
 def _setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.save_for_backward(inputs[0], inputs[1], output[0] if inputs[2] else None)
 
 
-def _backward(ctx, g_y, _g_sum, _g_sumsq):
-    # The sums are statistics for BatchNorm's running averages; gradients flow through y only.
-    x, weight = ctx.saved_tensors
+def _backward(ctx, g_y, g_sum, g_sumsq):
+    x, weight, y = ctx.saved_tensors
+    # Train-mode BatchNorm differentiates through the batch statistics: ∂Σy/∂y = 1, ∂Σy²/∂y = 2y.
+    if g_sum is not None and g_sum.numel():
+        g_y = g_y + g_sum.view(1, -1, 1, 1).to(g_y.dtype)
+    if g_sumsq is not None and g_sumsq.numel():
+        g_y = g_y + 2 * y * g_sumsq.view(1, -1, 1, 1).to(g_y.dtype)
     g_x, g_w = torch.ops.madfast.upsample_conv_backward_triton(g_y, x, weight, *ctx.needs_input_grad[:2])
     return (g_x if ctx.needs_input_grad[0] else None), (g_w if ctx.needs_input_grad[1] else None), None
 
