@@ -83,14 +83,15 @@ def _why_unavailable(op: str, backend: str, device: torch.device) -> str | None:
 
 
 @torch.compiler.assume_constant_result  # asked once per trace: no graph break under torch.compile
-def choose(op: str, backend: str | None, device: torch.device) -> str:
-    """The backend that runs ``op`` on ``device``: ``backend``, else $MADFAST_BACKEND, else auto."""
+def choose(op: str, backend: str | None, device: torch.device, auto: tuple[str, ...] | None = None) -> str:
+    """The backend that runs ``op`` on ``device``: ``backend``, else $MADFAST_BACKEND, else auto.
+    ``auto`` overrides the auto order for ops whose fused kernels are not yet the better default."""
     if backend is None or backend == "auto":
         backend = os.environ.get("MADFAST_BACKEND", "auto") or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
+        for candidate in auto or _AUTO_ORDER.get(device.type, ("torch",)):
             if _why_unavailable(op, candidate, device) is None:
                 return candidate
         return "torch"

@@ -82,21 +82,25 @@ if importlib.util.find_spec("triton") is not None:
     _upsample_conv_backward_triton.register_fake(_fake_backward)
 
 
+# "auto" keeps the reference until the Triton kernels have been measured against cuDNN on a GPU;
+# backend="triton" (or MADFAST_BACKEND=triton) takes the fused path.
+AUTO = ("torch",)
+
+
 def upsample_conv(x: torch.Tensor, weight: torch.Tensor, *, stats: bool = False,
-                  backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """conv3×3(bilinear-upsample×2(x)), stride 1, padding 1, no bias.
 
     Args:
         x: (N, Cin, H, W), contiguous or channels_last.
         weight: (Cout, Cin, 3, 3), same dtype and device.
         stats: also return Σy and Σy² per output channel (fp32), for BatchNorm.
-        backend: "torch" (default until the fused kernels are tuned on a GPU) or "triton"; "auto"
-            picks Triton where it runs.
+        backend: "auto" (the reference for now, see AUTO), "torch" or "triton".
     Returns:
         (y (N, Cout, 2H, 2W), Σy or None, Σy² or None).
     """
     _check(x, weight)
-    chosen = _backend.choose("upsample_conv", backend, x.device)
+    chosen = _backend.choose("upsample_conv", backend, x.device, auto=AUTO)
     if chosen in ("cpp", "cuda"):
         raise _backend.BackendUnavailableError(f"upsample_conv: backend={chosen!r} is not implemented yet")
     if chosen == "torch":
