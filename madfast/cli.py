@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "half-width student. Writes OUT/metrics.json, samples.png, curves.png.")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/demo-<time>)")
-    p.add_argument("--steps", type=int, help="adversarial iterations (default: the demo's 1000)")
+    p.add_argument("--steps", type=int, help="adversarial iterations (default: the demo's 700)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
     _config_parser(sub, "train-teacher", TeacherConfig, "supervised training of a teacher on a local data set")
@@ -118,8 +118,6 @@ def _cmd_distill(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    import torch
-
     from madfast.data import Normalize, build_dataset, dataset_info
     from madfast.errors import CheckpointError
     from madfast.models import build_model

@@ -57,6 +57,16 @@ def test_bn_stat_hook_sums_layers_of_the_latest_forward():
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+def test_bn_stat_hook_paused_records_nothing():
+    teacher = trained_teacher()
+    hook = BNStatHook(teacher)
+    with hook.paused():
+        teacher(torch.randn(2, 3, 8, 8))
+    assert hook.loss is None and hook.enabled
+    teacher(torch.randn(2, 3, 8, 8))
+    assert hook.loss is not None
+
+
 def test_bn_stat_hook_needs_batchnorm():
     with pytest.raises(ValueError, match="no BatchNorm2d"):
         BNStatHook(nn.Linear(3, 3))

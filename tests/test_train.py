@@ -99,3 +99,13 @@ def test_config_errors():
         DistillConfig(conditioning="film").validate()
     with pytest.raises(ValueError, match="steps must be a int"):
         config_from_dict(DistillConfig, {"steps": "many"})
+
+
+@pytest.mark.parametrize("options", [
+    dict(amp="bf16", channels_last=True),
+    dict(amp="fp16", gen_block="resnet", ema_bn="running", ema_buffers="copy"),
+    dict(conditioning="uncond", adv_kind="l1", optimizer_s="sgd", lr_s=0.05, schedule="constant", grad_clip=0),
+], ids=["bf16-channels-last", "fp16-resnet-running-bn", "uncond-l1-sgd"])
+def test_options_run(teacher, tmp_path, options):
+    s = distill(tiny_config(teacher, tmp_path, **options))
+    assert s["finished"] and s["student_acc"] is not None

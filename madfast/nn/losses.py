@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -39,11 +41,13 @@ class BNStatHook:
 
     After each teacher forward, ``hook.loss`` is the sum over those layers of
     ``bn_stat_loss(input, running_mean, running_var)`` for that forward (a 0-d tensor, or None
-    before the first forward). ``remove()`` takes the hooks off.
+    before the first forward). ``with hook.paused():`` skips the computation for forwards that
+    do not need it (the student step's teacher pass); ``remove()`` takes the hooks off.
     """
 
     def __init__(self, teacher: nn.Module, backend: str = "auto"):
         self.backend = backend
+        self.enabled = True
         self._losses: list[torch.Tensor] = []
         bns = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
         if not bns:
@@ -55,7 +59,16 @@ class BNStatHook:
         self._losses.clear()
 
     def _record(self, bn: nn.BatchNorm2d, args) -> None:
-        self._losses.append(bn_stat_loss(args[0], bn.running_mean, bn.running_var, backend=self.backend))
+        if self.enabled:
+            self._losses.append(bn_stat_loss(args[0], bn.running_mean, bn.running_var, backend=self.backend))
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.enabled = False
+        try:
+            yield self
+        finally:
+            self.enabled = True
 
     @property
     def loss(self) -> torch.Tensor | None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from madfast import _backend
 from madfast._backend import BACKENDS
+from madfast.nn.fused_block import upsample_conv_bn_lrelu
+from madfast.ops.upsample_conv.op import AUTO
 
 __all__ = ["UpsampleConvBlock"]
 
@@ -14,8 +17,10 @@ class UpsampleConvBlock(nn.Sequential):
     """``nn.Sequential(UpsamplingBilinear2d(2), Conv2d(in, out, 3, 1, 1), BatchNorm2d(out), LeakyReLU)``.
 
     A Sequential with the same children, so its state_dict ("1.weight", "2.running_mean", ...)
-    loads into that Sequential and back. ``backend`` is kept for the fused kernel; until it lands
-    every backend runs the torch reference, in train and eval mode alike.
+    loads into that Sequential and back. With ``backend="triton"`` (or MADFAST_BACKEND=triton)
+    and no conv bias, the block runs the fused kernels of madfast.ops.upsample_conv (no
+    up-sampled tensor in memory, BN sums in the GEMM epilogue) with the same train/eval
+    semantics; "auto" keeps the torch reference until those kernels are measured on a GPU.
     """
 
     def __init__(self, in_channels: int, out_channels: int, scale_factor: int = 2, bias: bool = False,
@@ -44,6 +49,9 @@ class UpsampleConvBlock(nn.Sequential):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"UpsampleConvBlock: x has {x.shape[1]} channels, the block expects "
                              f"in_channels={self.in_channels}")
+        chosen = _backend.choose("upsample_conv", self.backend, x.device, auto=AUTO)
+        if chosen == "triton" and self[1].bias is None:
+            return upsample_conv_bn_lrelu(x, self[1], self[2], self.negative_slope, chosen)
         return super().forward(x)
 
     def extra_repr(self) -> str:

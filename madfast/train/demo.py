@@ -23,7 +23,7 @@ def demo_configs(out: str, seed: int = 0) -> tuple[TeacherConfig, DistillConfig]
                             lr=3e-3, weight_decay=0.0, seed=seed, out=os.path.join(out, "teacher"))
     student = DistillConfig(dataset="digits", teacher="small_cnn", student="small_cnn_half",
                             teacher_ckpt=os.path.join(out, "teacher", "teacher.pt"), nz=64, ngf=32,
-                            batch_size=64, steps=1000, g_pretrain_steps=100, s_steps=3, lr_s=1e-3, lr_g=1e-3,
+                            batch_size=64, steps=700, g_pretrain_steps=100, s_steps=3, lr_s=2e-3, lr_g=1e-3,
                             seed=seed, out=out, log_every=20, eval_every=100, ckpt_every=500, keep_ckpts=1,
                             num_workers=0)
     return teacher, student

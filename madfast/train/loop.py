@@ -97,7 +97,7 @@ def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_afte
         task.noise.set_state(state["noise"][ctx.rank])
         ckpt.set_rng_state(state["rng"][ctx.rank])
         start = state["step"]
-    elif ctx.is_main:
+    else:  # on every rank, so that all of them stop
         _check_fresh_out(cfg.out)
     total = cfg.g_pretrain_steps + cfg.steps
 
@@ -114,6 +114,7 @@ def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_afte
                        cfg.tensorboard, start) if main else None
     # Every generated image counts: G steps, and G (+ G̃) samples of the student steps.
     per_iter = cfg.batch_size * (cfg.g_steps + cfg.s_steps * (2 if cfg.ema else 1))
+    images = 0
 
     def checkpoint(step: int) -> str | None:
         assert_identical(task.ema.module if task.ema is not None else task.g_raw, ctx, "the EMA generator")
@@ -125,7 +126,7 @@ def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_afte
                                     cfg.out, step, cfg.keep_ckpts)
 
     bar = _progress(total, start, cfg.progress and main, "distill")
-    t0, tick, last_logged, student_acc = time.perf_counter(), time.perf_counter(), start, None
+    t0, tick, student_acc = time.perf_counter(), time.perf_counter(), None
     end = total if stop_after is None else min(total, start + stop_after)
     step = start
     try:
@@ -143,14 +144,15 @@ def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_afte
                     raise NonFiniteLossError(f"loss {name} is {v} at step {step}; stopped. "
                                              f"Last good checkpoint: {kept or 'none (no checkpoint written yet)'}")
             row = dict(zip(names, values))
+            images += cfg.batch_size if step <= cfg.g_pretrain_steps else per_iter
             evaluating = step == total or (cfg.eval_every and step % cfg.eval_every == 0)
             if main and evaluating:
                 student_acc = evaluate(task.student_raw, loader, normalize, ctx.device, cfg.channels_last)["acc"]
                 row["student_acc"] = student_acc
             if main and (step % cfg.log_every == 0 or step == end or evaluating):
                 now = time.perf_counter()
-                row.update(task.lrs(), samples_per_s=per_iter * (step - last_logged) / max(now - tick, 1e-9))
-                tick, last_logged = now, step
+                row.update(task.lrs(), samples_per_s=images / max(now - tick, 1e-9))
+                tick, images = now, 0
                 logger.log(step, row)
                 bar.set_postfix({k: f"{row[k]:.3g}" for k in ("g_loss", "s_loss", "samples_per_s") if k in row})
             bar.update(1)

@@ -46,7 +46,12 @@ class MADTask:
         self.ema = (FusedEMA(self.g_raw, decay=cfg.ema_decay, exclude_buffers=cfg.ema_buffers == "copy",
                              backend=cfg.backend) if cfg.ema else None)
         if self.ema is not None and cfg.ema_bn == "batch":
-            self.ema.module.train()  # G̃ normalises with batch statistics, as G does
+            # G̃ normalises with batch statistics, as G does, without updating its (EMA'd) running
+            # statistics: they stay a function of G's alone, hence identical on every rank.
+            self.ema.module.train()
+            for m in self.ema.module.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.track_running_stats = False
         self.to_input = input_pipeline(cfg.gen_output, normalize.to(self.device), cfg.channels_last)
         self.kl = KLDivLoss(cfg.temperature, backend=cfg.backend)
         self.adversarial = AdversarialLoss(cfg.adv_bound, cfg.adv_kind, cfg.temperature, backend=cfg.backend)
@@ -127,7 +132,7 @@ class MADTask:
         """L_S = λ0·D(T(x), S(x)) + λ1·D(T(x̃), S(x̃)); without the EMA, D(T(x), S(x)) alone."""
         cfg, b = self.cfg, self.batch
         x = self._samples()
-        with torch.no_grad(), self.autocast():
+        with torch.no_grad(), self.autocast(), self.bn_hook.paused():  # no BN prior in the student step
             t = self._teacher_f(x).float()
         params = list(self.student_raw.parameters())
         if self.ema is None:
