@@ -44,8 +44,9 @@ ext = Extension(
     include_dirs=nvidia_wheel_includes() if use_cuda else [],
     define_macros=[("MADFAST_PYTHON_MODULE", None)] + ([("MADFAST_WITH_CUDA", None)] if use_cuda else []),
     # -fopenmp: at::parallel_for is an OpenMP pragma in the headers, serial without it.
+    # -fno-trapping-math: lets GCC if-convert float selects, so the CPU loops vectorize.
     # cpp_extension picks the C++ standard torch needs.
-    extra_compile_args={"cxx": opt + ["-fopenmp"], "nvcc": opt + ["-lineinfo"]},
+    extra_compile_args={"cxx": opt + ["-fopenmp", "-fno-trapping-math"], "nvcc": opt + ["-lineinfo"]},
     extra_link_args=["-fopenmp"] + (["-g"] if debug else []),
 )
 

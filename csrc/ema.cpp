@@ -4,22 +4,16 @@
 #include <algorithm>
 #include <torch/library.h>
 
+#include "cpu_vectorize.h"
 #include "ema.h"
 
 namespace madfast {
 namespace {
 
-// x86-64-v3 (AVX2, FMA, F16C) clone picked at load time, so one binary runs everywhere and
-// the fp16/bf16 conversions vectorize where the CPU allows.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define MADFAST_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define MADFAST_CPU_CLONES
-#endif
-
 template <typename ema_t>
 using acc_weight = at::opmath_type<ema_t>;
 
+// The AVX2 clone also vectorizes the fp16/bf16 conversions.
 template <typename ema_t, typename param_t>
 MADFAST_CPU_CLONES void ema_span(ema_t* __restrict__ ema, const param_t* __restrict__ param, int64_t n,
                                  acc_weight<ema_t> weight) {
@@ -54,16 +48,9 @@ void ema_update_cpu(at::TensorList ema, at::TensorList params, const at::Tensor&
   if (ema.empty()) return;
   TORCH_CHECK_VALUE(ema[0].device().is_cpu(), "ema_update_ (CPU kernel): tensors must be on the CPU");
   const double d = decay.item<double>();  // a CPU tensor here: no device sync
-  for (const auto& group : group_by_dtypes(ema, params)) {
-    std::vector<FlatPair> pairs;
-    pairs.reserve(group.second.size());
-    for (size_t i : group.second) pairs.emplace_back(ema[i], params[i]);
-    dispatch_ema_pair(group.first.first, group.first.second, [&](auto e_tag, auto p_tag) {
-      ema_group_cpu<typename decltype(e_tag)::type, typename decltype(p_tag)::type>(pairs, d);
-    });
-    for (const auto& pair : pairs) pair.write_back();
-  }
-  copy_non_floating(ema, params);
+  for_each_dtype_group(ema, params, [&](const std::vector<FlatPair>& pairs, auto e_tag, auto p_tag) {
+    ema_group_cpu<typename decltype(e_tag)::type, typename decltype(p_tag)::type>(pairs, d);
+  });
 }
 
 }  // namespace

@@ -110,6 +110,23 @@ inline std::vector<std::pair<std::pair<at::ScalarType, at::ScalarType>, std::vec
 }
 
 // Non-floating pairs (e.g. BatchNorm's num_batches_tracked) are copied, in one foreach call.
+inline void copy_non_floating(at::TensorList ema, at::TensorList params);
+
+// The body of both kernels' ops: run_group(pairs, Tag<ema_t>, Tag<param_t>) once per dtype group
+// of floating pairs, then the write-backs of copied non-dense EMAs, then the non-floating copies.
+template <typename F>
+void for_each_dtype_group(at::TensorList ema, at::TensorList params, F&& run_group) {
+  for (const auto& group : group_by_dtypes(ema, params)) {
+    std::vector<FlatPair> pairs;
+    pairs.reserve(group.second.size());
+    for (size_t i : group.second) pairs.emplace_back(ema[i], params[i]);
+    dispatch_ema_pair(group.first.first, group.first.second,
+                      [&](auto e_tag, auto p_tag) { run_group(pairs, e_tag, p_tag); });
+    for (const auto& pair : pairs) pair.write_back();
+  }
+  copy_non_floating(ema, params);
+}
+
 inline void copy_non_floating(at::TensorList ema, at::TensorList params) {
   std::vector<at::Tensor> dst, src;
   for (size_t i = 0; i < ema.size(); ++i) {

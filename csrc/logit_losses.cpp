@@ -9,10 +9,23 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_vectorize.h"
 #include "logit_losses.h"
 
 namespace madfast {
 namespace {
+
+// d -= max; e = exp(d); returns the sum of e (in double: rows of 21k classes).
+template <typename acc_t>
+MADFAST_CPU_CLONES double shift_and_exp(acc_t* __restrict__ d, acc_t* __restrict__ e, int64_t n, acc_t max) {
+  double sum = 0;
+  for (int64_t c = 0; c < n; ++c) {
+    d[c] -= max;
+    e[c] = exp_nonpositive(d[c]);
+  }
+  for (int64_t c = 0; c < n; ++c) sum += e[c];
+  return sum;
+}
 
 template <typename scalar_t>
 void kl_rows_cpu(const at::Tensor& s, const at::Tensor& t, double temperature, at::Tensor& loss, at::Tensor& gs,
@@ -39,15 +52,8 @@ void kl_rows_cpu(const at::Tensor& s, const at::Tensor& t, double temperature, a
         max_s = std::max(max_s, ds[c]);
         max_t = std::max(max_t, dt[c]);
       }
-      double sum_s = 0, sum_t = 0;  // long rows (21k classes) need more than fp32 to sum
-      for (int64_t c = 0; c < C; ++c) {
-        ds[c] -= max_s;
-        dt[c] -= max_t;
-        es[c] = std::exp(ds[c]);
-        et[c] = std::exp(dt[c]);
-        sum_s += es[c];
-        sum_t += et[c];
-      }
+      const double sum_s = shift_and_exp(ds.data(), es.data(), C, max_s);
+      const double sum_t = shift_and_exp(dt.data(), et.data(), C, max_t);
       // log p = (x - max) - log sum: never forms max + log sum, which loses digits for |x| ~ 1e4.
       const acc_t log_s = acc_t(std::log(sum_s)), log_t = acc_t(std::log(sum_t));
       const acc_t inv_sum_s = acc_t(1.0 / sum_s), inv_sum_t = acc_t(1.0 / sum_t);

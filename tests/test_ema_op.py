@@ -38,6 +38,12 @@ def _assert_close(actual, expected):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
 
 
+def _update_and_compare(ema, cur, decay, backend):
+    expected = _reference(ema, cur, decay)
+    ema_update_(ema, cur, decay, backend=backend)
+    _assert_close(ema, expected)
+
+
 def test_reference_matches_formula_in_float64():
     ema, cur = _pairs([(3, 5), (7,)], torch.float64, "cpu")
     expected = [e + (1 - 0.9) * (p - e) for e, p in zip(ema, cur)]
@@ -53,9 +59,7 @@ def test_sizes_and_dtypes(device, backend, dtype, size):
     if backend == "triton" and device == "cpu" and size == 10**6 and dtype != torch.float32:
         pytest.skip("the Triton interpreter is slow; one 10^6 case is enough on CPU")
     ema, cur = _pairs([(size,)], dtype, device)
-    expected = _reference(ema, cur, 0.99)
-    ema_update_(ema, cur, 0.99, backend=backend)
-    _assert_close(ema, expected)
+    _update_and_compare(ema, cur, 0.99, backend)
 
 
 def _mixed_shapes(n=150, seed=0):
@@ -69,9 +73,7 @@ def _mixed_shapes(n=150, seed=0):
 def test_150_tensors_of_mixed_shapes(device, backend, dtype):
     skip_unless_available("ema_update_", backend, device)
     ema, cur = _pairs(_mixed_shapes(), dtype, device)
-    expected = _reference(ema, cur, 0.9)
-    ema_update_(ema, cur, 0.9, backend=backend)
-    _assert_close(ema, expected)
+    _update_and_compare(ema, cur, 0.9, backend)
 
 
 @pytest.mark.parametrize("device,backend", CASES)
@@ -84,9 +86,7 @@ def test_mixed_dtypes_and_integer_buffers(device, backend):
     new_ints = [torch.tensor(17, device=device), torch.arange(4, dtype=torch.int32, device=device)]
     ema = e32 + [ints[0]] + e16 + m32 + [ints[1]]
     cur = p32 + [new_ints[0]] + p16 + mb16 + [new_ints[1]]
-    expected = _reference(ema, cur, 0.75)
-    ema_update_(ema, cur, 0.75, backend=backend)
-    _assert_close(ema, expected)
+    _update_and_compare(ema, cur, 0.75, backend)
     assert ema[2].item() == 17 and torch.equal(ema[-1], new_ints[1])
 
 
@@ -95,9 +95,7 @@ def test_empty_list_and_empty_tensors(device, backend):
     skip_unless_available("ema_update_", backend, device)
     ema_update_([], [], 0.5, backend=backend)
     ema, cur = _pairs([(0,), (5,), (0, 3)], torch.float32, device)
-    expected = _reference(ema, cur, 0.5)
-    ema_update_(ema, cur, 0.5, backend=backend)
-    _assert_close(ema, expected)
+    _update_and_compare(ema, cur, 0.5, backend)
 
 
 @pytest.mark.parametrize("device,backend", CASES)
@@ -124,9 +122,7 @@ def test_decay_as_device_tensor_and_extremes(device, backend):
     skip_unless_available("ema_update_", backend, device)
     ema, cur = _pairs([(1000,), (3, 7)], torch.float32, device)
     decay = torch.tensor(0.25, device=device)
-    expected = _reference(ema, cur, decay)
-    ema_update_(ema, cur, decay, backend=backend)
-    _assert_close(ema, expected)
+    _update_and_compare(ema, cur, decay, backend)
     before = [e.clone() for e in ema]
     ema_update_(ema, cur, 1.0, backend=backend)  # decay 1 keeps the EMA
     _assert_close(ema, before)

@@ -119,16 +119,9 @@ void ema_update_cuda(at::TensorList ema, at::TensorList params, const at::Tensor
   TORCH_CHECK_VALUE(ema[0].is_cuda(), "ema_update_ (CUDA kernel): tensors must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(ema[0].device());
   const at::Tensor d = decay.to(ema[0].device());
-  for (const auto& group : group_by_dtypes(ema, params)) {
-    std::vector<FlatPair> pairs;
-    pairs.reserve(group.second.size());
-    for (size_t i : group.second) pairs.emplace_back(ema[i], params[i]);
-    dispatch_ema_pair(group.first.first, group.first.second, [&](auto e_tag, auto p_tag) {
-      launch_group<typename decltype(e_tag)::type, typename decltype(p_tag)::type>(pairs, d);
-    });
-    for (const auto& pair : pairs) pair.write_back();
-  }
-  copy_non_floating(ema, params);
+  for_each_dtype_group(ema, params, [&](const std::vector<FlatPair>& pairs, auto e_tag, auto p_tag) {
+    launch_group<typename decltype(e_tag)::type, typename decltype(p_tag)::type>(pairs, d);
+  });
 }
 
 }  // namespace
