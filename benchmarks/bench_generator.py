@@ -1,0 +1,89 @@
+"""Generator block (upsample×2 → conv3×3 → BN → LeakyReLU) and whole generators: eager
+nn.Sequential (the baseline), torch.compile of it, and madfast's fused Triton path; forward and
+forward+backward, fp32 and bf16, with peak memory. Shapes: batch 256 at 128→128 ch 8→16 px and
+128→64 ch 16→32 px; batch 64 at the 224-px generator's shapes. MADFAST_BENCH_SCALE shrinks the
+batch (CPU runs); the group name gives the shapes run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from madfast import _backend
+from madfast.models import Generator
+from madfast.nn import UpsampleConvBlock
+
+SCALE = int(os.environ.get("MADFAST_BENCH_SCALE", "1"))
+PROVIDERS = ["eager", "compiled", "madfast_triton"]
+BLOCKS = [(256, 128, 128, 8), (256, 128, 64, 16), (64, 128, 128, 7), (64, 128, 64, 56)]  # (N, Cin, Cout, H)
+GENERATORS = [(256, 32), (64, 224)]  # (batch, img_size)
+
+
+def build(provider: str, module_fn, device: torch.device, request):
+    if provider == "madfast_triton":
+        try:
+            _backend.choose("upsample_conv", "triton", device)
+        except _backend.BackendUnavailableError as e:
+            pytest.skip(str(e))
+        if device.type == "cpu" and not request.config.getoption("--bench-triton-cpu"):
+            pytest.skip("Triton on CPU is the interpreter; pass --bench-triton-cpu to time it anyway")
+    module = module_fn("triton" if provider == "madfast_triton" else "torch").to(device).train()
+    return torch.compile(module) if provider == "compiled" else module
+
+
+def run_step(module, inputs, backward: bool):
+    def run():
+        out = module(*inputs)
+        if backward:
+            out.float().square().mean().backward()
+    return run
+
+
+def peak_memory(device: torch.device, fn) -> int | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", BLOCKS, ids=lambda s: "x".join(map(str, s)))
+def test_block(benchmark, device, request, shape, dtype, mode, provider):
+    from conftest import timed
+
+    n, cin, cout, hw = shape
+    n = max(1, n // SCALE)
+    block = build(provider, lambda backend: UpsampleConvBlock(cin, cout, backend=backend).to(dtype=dtype), device,
+                  request)
+    x = torch.randn(n, cin, hw, hw, device=device, dtype=dtype, requires_grad=mode == "fwd_bwd")
+    fn = run_step(block, (x,), mode == "fwd_bwd")
+    benchmark.group = f"block {mode} {n}x{cin}->{cout} {hw}->{2 * hw}px {str(dtype)[6:]} {device.type}"
+    bytes_moved = (x.numel() + n * cout * 4 * hw * hw) * x.element_size() * (3 if mode == "fwd_bwd" else 1)
+    timed(benchmark, fn, device, bytes_moved=bytes_moved, provider=provider, baseline="eager")
+    benchmark.extra_info["peak_bytes"] = peak_memory(device, fn)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("config", GENERATORS, ids=lambda c: f"b{c[0]}_{c[1]}px")
+def test_generator(benchmark, device, request, monkeypatch, config, mode, provider):
+    from conftest import timed
+
+    batch, img = config
+    batch = max(1, batch // SCALE)
+    # The Generator's blocks use backend "auto"; MADFAST_BACKEND picks the path for this run.
+    monkeypatch.setenv("MADFAST_BACKEND", "triton" if provider == "madfast_triton" else "torch")
+    gen = build(provider, lambda backend: Generator(nz=256, num_classes=10, img_size=img), device, request)
+    z = torch.randn(batch, 256, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    fn = run_step(gen, (z, y), mode == "fwd_bwd")
+    benchmark.group = f"generator {mode} batch {batch} {img}px fp32 {device.type}"
+    timed(benchmark, fn, device, bytes_moved=batch * 3 * img * img * 4, provider=provider, baseline="eager")
+    benchmark.extra_info["peak_bytes"] = peak_memory(device, fn)
