@@ -85,3 +85,28 @@ def test_bad_input():
         upsample_conv(x, w.double())
     with pytest.raises(ValueError, match="weight must have shape"):
         upsample_conv(x, torch.randn(5, 3, 5, 5))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (33, 17, 1, 1), (1, 64, 7, 7), (3, 2, 33, 31)],
+                         ids=lambda s: "x".join(map(str, s)))  # the last: N·H·W split over 3 programs
+def test_bn_lrelu_matches_reference(shape, channels_last):
+    skip_unless_available("upsample_conv", "triton", "cpu")
+    from madfast.ops.upsample_conv.bn_lrelu import bn_lrelu
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(shape, generator=g)
+    if channels_last:
+        y = y.contiguous(memory_format=torch.channels_last)
+    scale, shift = torch.rand(shape[1], generator=g) + 0.5, torch.randn(shape[1], generator=g)
+    grad = torch.randn(shape, generator=g)
+    results = []
+    for backend in ("torch", "triton"):
+        args = [t.clone().requires_grad_() for t in (y, scale, shift)]
+        out = bn_lrelu(*args, 0.2, backend)
+        out.backward(grad)
+        results.append([out.detach()] + [a.grad for a in args])
+    for a, b in zip(results[1], results[0]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.library.opcheck(torch.ops.madfast.bn_lrelu_triton, (y.clone().requires_grad_(), scale, shift, 0.2))
+    torch.library.opcheck(torch.ops.madfast.bn_lrelu_backward_triton, (grad, y, scale, shift, 0.2))

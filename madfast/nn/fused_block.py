@@ -1,14 +1,15 @@
 """The fused path of UpsampleConvBlock: upsample×2 → conv3×3 with BatchNorm's sums in the GEMM
-epilogue (madfast.ops.upsample_conv), then normalise + LeakyReLU, keeping nn.BatchNorm2d's
-semantics (batch statistics and running-stat update in train mode, running stats in eval)."""
+epilogue (madfast.ops.upsample_conv), then normalise + LeakyReLU in one pass (bn_lrelu), keeping
+nn.BatchNorm2d's semantics (batch statistics and running-stat update in train mode, running
+stats in eval)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from madfast.ops.upsample_conv import upsample_conv
+from madfast.ops.upsample_conv.bn_lrelu import bn_lrelu
 
 __all__ = ["upsample_conv_bn_lrelu"]
 
@@ -38,5 +39,4 @@ def upsample_conv_bn_lrelu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
     shift = -mean.float() * scale
     if bn.bias is not None:
         shift = shift + bn.bias.float()
-    z = y.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-    return F.leaky_relu(z, negative_slope).to(y.dtype)
+    return bn_lrelu(y, scale, shift, negative_slope, backend)

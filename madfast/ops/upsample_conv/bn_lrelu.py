@@ -1,0 +1,116 @@
+"""The generator block's tail, fused: out = LeakyReLU(y·scale_c + shift_c), and in the backward,
+grad_y = grad·LeakyReLU'(z)·scale_c with the per-channel sums Σ grad·LeakyReLU'(z)·y and
+Σ grad·LeakyReLU'(z) (the gradients of scale and shift) taken in the same pass.
+
+scale and shift fold BatchNorm: scale = γ/√(var + ε), shift = β − mean·scale, so autograd carries
+their gradients on to γ, β and the batch statistics (madfast.nn.fused_block).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["bn_lrelu"]
+
+BLOCK = 1024
+MAX_SPLIT = 8  # programs per channel: a long M = N·H·W is split so that few channels still fill a GPU
+
+
+def _fake_fwd(y, scale, shift, negative_slope):
+    return torch.empty_like(y)
+
+
+def _fake_bwd(grad, y, scale, shift, negative_slope):
+    return torch.empty_like(y), scale.new_empty(scale.shape), shift.new_empty(shift.shape)
+
+
+if importlib.util.find_spec("triton") is not None:
+    import triton
+    import triton.language as tl
+
+    from madfast.ops.bn_stats.triton_kernel import moments_view
+
+    @triton.jit
+    def _bn_lrelu_kernel(
+        y_ptr, out_ptr, g_ptr, gy_ptr,  # (N, C, H, W) with strides s_n, s_c, s_hw (out, g, gy: y's layout)
+        scale_ptr, shift_ptr, gscale_ptr, gshift_ptr,  # (C,) fp32; the gradients zero-initialised
+        N, HW, s_n, s_c, s_hw, slope, splits,
+        BACKWARD: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        c = tl.program_id(0).to(tl.int64)
+        part = tl.program_id(1)
+        M = N * HW
+        chunk = tl.cdiv(M, splits)
+        scale = tl.load(scale_ptr + c)
+        shift = tl.load(shift_ptr + c)
+        acc_scale = tl.zeros((BLOCK,), tl.float32)
+        acc_shift = tl.zeros((BLOCK,), tl.float32)
+        for start in range(part * chunk, tl.minimum(part * chunk + chunk, M), BLOCK):
+            i = start + tl.arange(0, BLOCK).to(tl.int64)
+            mask = (i < M) & (i < part * chunk + chunk)
+            n = i // HW
+            off = n * s_n + c * s_c + (i - n * HW) * s_hw
+            y = tl.load(y_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            z = y * scale + shift
+            if BACKWARD:
+                g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
+                gz = tl.where(z > 0, g, g * slope)
+                tl.store(gy_ptr + off, (gz * scale).to(gy_ptr.dtype.element_ty), mask=mask)
+                acc_scale += tl.where(mask, gz * y, 0.0)
+                acc_shift += tl.where(mask, gz, 0.0)
+            else:
+                tl.store(out_ptr + off, tl.where(z > 0, z, z * slope).to(out_ptr.dtype.element_ty), mask=mask)
+        if BACKWARD:
+            tl.atomic_add(gscale_ptr + c, tl.sum(acc_scale, 0))
+            tl.atomic_add(gshift_ptr + c, tl.sum(acc_shift, 0))
+
+    def _launch(y, scale, shift, slope, grad=None):
+        y, s_n, s_c, s_hw, _ = moments_view(y)
+        N, C, H, W = y.shape
+        out = torch.empty_like(y)
+        g_scale = torch.zeros(C, dtype=torch.float32, device=y.device)
+        g_shift = torch.zeros_like(g_scale)
+        if y.numel():
+            g = grad.contiguous(memory_format=torch.channels_last if s_c == 1 and C > 1 else
+                                torch.contiguous_format) if grad is not None else y
+            splits = min(MAX_SPLIT, triton.cdiv(N * H * W, BLOCK))
+            _bn_lrelu_kernel[(C, splits)](
+                y, out, g, out, scale.float().contiguous(), shift.float().contiguous(), g_scale, g_shift,
+                N, H * W, s_n, s_c, s_hw, float(slope), splits, BACKWARD=grad is not None, BLOCK=BLOCK)
+        return out, g_scale, g_shift
+
+    @torch.library.custom_op("madfast::bn_lrelu_triton", mutates_args=())
+    def _bn_lrelu_triton(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                         negative_slope: float) -> torch.Tensor:
+        return _launch(y, scale, shift, negative_slope)[0]
+
+    @torch.library.custom_op("madfast::bn_lrelu_backward_triton", mutates_args=())
+    def _bn_lrelu_backward_triton(grad: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                                  negative_slope: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g_y, g_scale, g_shift = _launch(y, scale, shift, negative_slope, grad)
+        return g_y, g_scale.to(scale.dtype), g_shift.to(shift.dtype)
+
+    def _setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1], inputs[2])
+        ctx.negative_slope = inputs[3]
+
+    def _backward(ctx, grad):
+        y, scale, shift = ctx.saved_tensors
+        g_y, g_scale, g_shift = torch.ops.madfast.bn_lrelu_backward_triton(grad, y, scale, shift, ctx.negative_slope)
+        return g_y, g_scale, g_shift, None
+
+    _bn_lrelu_triton.register_fake(_fake_fwd)
+    _bn_lrelu_backward_triton.register_fake(_fake_bwd)
+    _bn_lrelu_triton.register_autograd(_backward, setup_context=_setup)
+
+
+def bn_lrelu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, negative_slope: float,
+             backend: str) -> torch.Tensor:
+    """LeakyReLU(y·scale_c + shift_c) for y (N, C, H, W) and (C,) scale/shift, in y's dtype."""
+    if backend == "triton":
+        return torch.ops.madfast.bn_lrelu_triton(y, scale, shift, float(negative_slope))
+    z = y.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    return F.leaky_relu(z, negative_slope).to(y.dtype)
