@@ -81,6 +81,22 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(teacher, tmp_path, monkey
     assert load_checkpoint(str(tmp_path))["step"] == 2
 
 
+def test_nan_between_checks_is_named_with_its_step_and_never_checkpointed(teacher, tmp_path, monkeypatch):
+    """Losses are read back only at log/checkpoint steps; a NaN in between still names its own step."""
+    original = MADTask.iteration
+
+    def poisoned(self, step):
+        losses = original(self, step)
+        if step == 2:
+            losses["g_loss"] = torch.tensor(float("inf"))
+        return losses
+
+    monkeypatch.setattr(MADTask, "iteration", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"loss g_loss is inf at step 3.*none \(no checkpoint"):
+        distill(tiny_config(teacher, tmp_path, log_every=100, ckpt_every=4, steps=6))
+    assert latest_checkpoint(str(tmp_path)) is None
+
+
 def test_config_round_trips_through_checkpoint(teacher, tmp_path):
     cfg = tiny_config(teacher, tmp_path, steps=1, g_pretrain_steps=0, adv_bound=None, conditioning="cat",
                       ema_decay=0.9, lambda1=0.5, amp="none")

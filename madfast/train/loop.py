@@ -129,34 +129,52 @@ def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_afte
     t0, tick, student_acc = time.perf_counter(), time.perf_counter(), None
     end = total if stop_after is None else min(total, start + stop_after)
     step = start
+    # Losses stay on the device between log/eval/checkpoint steps, so the host does not wait for
+    # the GPU every iteration; at those steps every pending step is checked (the first non-finite
+    # loss is named with its step, and nothing is checkpointed after it).
+    pending: list[tuple[int, list[str], torch.Tensor]] = []
+
+    def check_pending() -> list[float]:
+        flat = torch.cat([v for _, _, v in pending])
+        if ctx.distributed:  # one small all-reduce: logged values are rank means, NaN anywhere stops all
+            dist.all_reduce(flat)
+            flat /= ctx.world_size
+        flat, offset = flat.tolist(), 0
+        for at, names, v in pending:
+            values, offset = flat[offset:offset + v.numel()], offset + v.numel()
+            for name, x in zip(names, values):
+                if not math.isfinite(x):
+                    kept = ckpt.latest_checkpoint(cfg.out)
+                    raise NonFiniteLossError(f"loss {name} is {x} at step {at}; stopped. "
+                                             f"Last good checkpoint: {kept or 'none (no checkpoint written yet)'}")
+        pending.clear()
+        return values
+
     try:
         for step in range(start + 1, end + 1):
             losses = task.iteration(step - 1)
             names = list(losses)
-            values = torch.stack([v.float() for v in losses.values()])
-            if ctx.distributed:  # one small all-reduce: logged values are rank means, NaN anywhere stops all
-                dist.all_reduce(values)
-                values /= ctx.world_size
-            values = values.tolist()
-            for name, v in zip(names, values):
-                if not math.isfinite(v):
-                    kept = ckpt.latest_checkpoint(cfg.out)
-                    raise NonFiniteLossError(f"loss {name} is {v} at step {step}; stopped. "
-                                             f"Last good checkpoint: {kept or 'none (no checkpoint written yet)'}")
-            row = dict(zip(names, values))
+            pending.append((step, names, torch.stack([v.float() for v in losses.values()])))
             images += cfg.batch_size if step <= cfg.g_pretrain_steps else per_iter
             evaluating = step == total or (cfg.eval_every and step % cfg.eval_every == 0)
+            logging = step % cfg.log_every == 0 or step == end or evaluating
+            checkpointing = (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == end
+            if not (logging or checkpointing):
+                bar.update(1)
+                continue
+            values = check_pending()
+            row = dict(zip(names, values))
             if main and evaluating:
                 student_acc = evaluate(task.student_raw, loader, normalize, ctx.device, cfg.channels_last)["acc"]
                 row["student_acc"] = student_acc
-            if main and (step % cfg.log_every == 0 or step == end or evaluating):
+            if main and logging:
                 now = time.perf_counter()
                 row.update(task.lrs(), samples_per_s=images / max(now - tick, 1e-9))
                 tick, images = now, 0
                 logger.log(step, row)
                 bar.set_postfix({k: f"{row[k]:.3g}" for k in ("g_loss", "s_loss", "samples_per_s") if k in row})
             bar.update(1)
-            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == end:
+            if checkpointing:
                 checkpoint(step)
     finally:
         bar.close()
