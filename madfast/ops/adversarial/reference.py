@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from madfast.ops._dtypes import acc_dtype
 from madfast.ops.kl.reference import torch_kl_div
 
 __all__ = ["torch_adversarial_loss", "KINDS"]
@@ -17,7 +18,7 @@ def torch_adversarial_loss(student_logits: torch.Tensor, teacher_logits: torch.T
     if kind == "kl":
         d = torch_kl_div(student_logits, teacher_logits, temperature, "batchmean")
     else:
-        acc = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(student_logits.dtype)
         d = (student_logits.to(acc) - teacher_logits.to(acc)).abs().mean().to(student_logits.dtype)
     if bound is not None:
         d = torch.clamp(d, max=bound)  # gradient zero past the bound

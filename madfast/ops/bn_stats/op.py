@@ -13,6 +13,7 @@ import torch
 
 from madfast import _backend
 from madfast.ops._checks import check_floating
+from madfast.ops._dtypes import acc_dtype
 from madfast.ops.bn_stats.reference import torch_bn_stat_loss
 
 __all__ = ["bn_stat_loss", "channel_moments", "check_bn_args"]
@@ -30,7 +31,7 @@ def check_bn_args(x, running_mean, running_var) -> None:
 
 
 def _fake_moments(x):
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     return x.new_empty(x.shape[1], dtype=acc), x.new_empty(x.shape[1], dtype=acc)
 
 
@@ -83,7 +84,7 @@ def channel_moments(x: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Te
     check_floating("channel_moments", "x", x, ndim=4)
     chosen = _backend.choose("channel_moments", backend, x.device)
     if chosen == "torch":
-        xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        xf = x.to(acc_dtype(x.dtype))
         return xf.mean(dim=(0, 2, 3)), xf.var(dim=(0, 2, 3), unbiased=False)
     return _backend.compiled_op("channel_moments", chosen)(x)
 

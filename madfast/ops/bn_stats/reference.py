@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from madfast.ops._dtypes import acc_dtype
+
 __all__ = ["torch_bn_stat_loss"]
 
 
 def torch_bn_stat_loss(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
     """‖mean_c(x) − running_mean‖₂ + ‖var_c(x) − running_var‖₂ over (N, H, W), biased var, in fp32."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     xf = x.to(acc)
     mean = xf.mean(dim=(0, 2, 3))
     var = xf.var(dim=(0, 2, 3), unbiased=False)

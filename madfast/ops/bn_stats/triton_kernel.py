@@ -1,8 +1,8 @@
 """Triton kernels of the per-channel moments of x (N, C, H, W) and their backward.
 
 Moments: one program per channel, shifted sums (x − pivot) so that E[x²] − E[x]² does not
-cancel when |mean| ≫ std, accumulated in fp64 (a lane adds M/BLOCK terms); one read of x. Backward: grad_x = a_c + b_c·x in x's memory order,
-one read and one write. Contiguous and channels_last inputs are read in place.
+cancel when |mean| ≫ std, accumulated in fp64 (a lane adds M/BLOCK terms); one read of x.
+Backward: grad_x = a_c + b_c·x in x's memory order, one read and one write. Contiguous and channels_last inputs are read in place.
 """
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from madfast.ops._dtypes import acc_dtype
+from madfast.ops._triton import TL_DTYPES
 
 __all__ = ["triton_channel_moments", "triton_channel_moments_backward", "moments_view"]
 
@@ -25,9 +28,6 @@ def moments_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, bool]:
     s_hw = C if channels_last else 1  # a size-1 W may carry any stride: use the layout's
     return x, x.stride(0), x.stride(1), s_hw, channels_last
 
-
-def _acc(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
 
 @triton.jit
@@ -77,7 +77,7 @@ def triton_channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     """Per-channel mean and biased variance of x (N, C, H, W); arguments already validated."""
     x, s_n, s_c, s_hw, _ = moments_view(x)
     N, C, H, W = x.shape
-    acc, tl_acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     mean = torch.empty(C, dtype=acc, device=x.device)
     var = torch.empty(C, dtype=acc, device=x.device)
     if C == 0:
@@ -85,7 +85,7 @@ def triton_channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     if N * H * W == 0:
         return mean.fill_(float("nan")), var.fill_(float("nan"))
     _moments_kernel[(C,)](
-        x, mean, var, N, H * W, s_n, s_c, s_hw, ACC=tl_acc, BLOCK=BLOCK, num_warps=8)
+        x, mean, var, N, H * W, s_n, s_c, s_hw, ACC=TL_DTYPES[acc], BLOCK=BLOCK, num_warps=8)
     return mean, var
 
 
@@ -94,11 +94,12 @@ def triton_channel_moments_backward(grad_mean: torch.Tensor, grad_var: torch.Ten
     """grad_x from the gradients of the (C,) mean and variance."""
     x, _, _, _, channels_last = moments_view(x)
     N, C, H, W = x.shape
-    acc, tl_acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     out = torch.empty_like(x)  # keeps x's layout, so memory orders match
     if x.numel() == 0:
         return out
     _moments_backward_kernel[(triton.cdiv(x.numel(), BLOCK),)](
         x, out, grad_mean.to(acc).contiguous(), grad_var.to(acc).contiguous(), mean.to(acc).contiguous(),
-        x.numel(), C, H * W, 1.0 / (N * H * W), CHANNELS_LAST=channels_last, ACC=tl_acc, BLOCK=BLOCK, num_warps=4)
+        x.numel(), C, H * W, 1.0 / (N * H * W), CHANNELS_LAST=channels_last, ACC=TL_DTYPES[acc], BLOCK=BLOCK,
+        num_warps=4)
     return out

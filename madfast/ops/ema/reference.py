@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from madfast.ops._dtypes import acc_dtype
+
 __all__ = ["torch_ema_update_"]
 
 
@@ -16,7 +18,7 @@ def torch_ema_update_(ema_tensors: list[torch.Tensor], tensors: list[torch.Tenso
         torch._foreach_copy_([e for e, _ in copies], [p for _, p in copies])
     if not floats:
         return
-    wide = [torch.float64 if e.dtype == torch.float64 else torch.float32 for e, _ in floats]
+    wide = [acc_dtype(e.dtype) for e, _ in floats]
     acc = [e.to(w) for (e, _), w in zip(floats, wide)]  # e itself when already wide
     src = [p.to(w) for (_, p), w in zip(floats, wide)]
     decay = decay.to(acc[0].device)

@@ -11,11 +11,12 @@ import torch
 import triton
 import triton.language as tl
 
+from madfast.ops._dtypes import acc_dtype
+from madfast.ops._triton import TL_DTYPES
+
 __all__ = ["triton_ema_update_"]
 
 BLOCK = 4096
-_TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16,
-              torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
@@ -84,13 +85,13 @@ def triton_ema_update_(ema_tensors: list[torch.Tensor], tensors: list[torch.Tens
         return
     device = ema_tensors[0].device
     for (ema_dtype, param_dtype), pairs in groups.items():
-        acc = torch.float64 if ema_dtype == torch.float64 else torch.float32
+        acc = acc_dtype(ema_dtype)
         work = [_flat_pair(e, p) for e, p in pairs]
         table, blocks = _table(work, device)
         _ema_multi_tensor_kernel[(blocks,)](
             table, len(work), decay.to(device=device, dtype=acc),
-            EMA_DTYPE=_TL_DTYPES[ema_dtype], PARAM_DTYPE=_TL_DTYPES[param_dtype],
-            ACC_DTYPE=_TL_DTYPES[acc],
+            EMA_DTYPE=TL_DTYPES[ema_dtype], PARAM_DTYPE=TL_DTYPES[param_dtype],
+            ACC_DTYPE=TL_DTYPES[acc],
             BLOCK=BLOCK, num_warps=8,
         )
         for (e, _), (w, _) in zip(pairs, work):

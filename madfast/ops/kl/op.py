@@ -12,6 +12,7 @@ import importlib.util
 import torch
 
 from madfast import _backend
+from madfast.ops._dtypes import acc_dtype
 from madfast.ops._checks import check_choice, check_floating, check_positive, check_same
 from madfast.ops.kl.reference import REDUCTIONS, torch_kl_div
 
@@ -26,14 +27,12 @@ def check_kl_args(op: str, student_logits, teacher_logits, temperature) -> None:
 
 
 def _fake_kl_div_fwd(s, t, temperature, grad_student, grad_teacher):
-    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
-    return (s.new_empty(s.shape[0], dtype=acc), s.new_empty(s.shape if grad_student else (0,)),
+    return (s.new_empty(s.shape[0], dtype=acc_dtype(s.dtype)), s.new_empty(s.shape if grad_student else (0,)),
             s.new_empty(s.shape if grad_teacher else (0,)))
 
 
 def _fake_l1_fwd(s, t, grad_student):
-    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
-    return s.new_empty(s.shape[0], dtype=acc), s.new_empty(s.shape if grad_student else (0,))
+    return s.new_empty(s.shape[0], dtype=acc_dtype(s.dtype)), s.new_empty(s.shape if grad_student else (0,))
 
 
 def _saved_grad(grad: torch.Tensor, g_rows: torch.Tensor, name: str) -> torch.Tensor:

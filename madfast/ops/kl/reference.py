@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from madfast.ops._dtypes import acc_dtype
+
 __all__ = ["torch_kl_div", "REDUCTIONS"]
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -13,7 +15,7 @@ REDUCTIONS = ("batchmean", "sum", "mean", "none")
 def torch_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
                  reduction: str = "batchmean") -> torch.Tensor:
     """KL(softmax(t/τ) ‖ softmax(s/τ))·τ², computed in fp32 (fp64 for fp64); "none" gives one value per row."""
-    acc = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(student_logits.dtype)
     log_p_s = F.log_softmax(student_logits.to(acc) / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits.to(acc) / temperature, dim=1)
     rows = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(1) * temperature**2

@@ -15,6 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from madfast.ops._dtypes import acc_dtype
+from madfast.ops._triton import TL_DTYPES
+
 __all__ = ["triton_kl_div_fwd", "triton_l1_fwd", "launch_config"]
 
 MAX_BLOCK_C = 4096
@@ -136,9 +139,6 @@ def _l1_fwd_kernel(
     tl.store(loss_ptr + rows, total, mask=row_ok)
 
 
-def _acc(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
-
 
 def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(1) == 1 or x.shape[1] <= 1 else x.contiguous()
@@ -147,7 +147,7 @@ def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
 def triton_kl_div_fwd(s: torch.Tensor, t: torch.Tensor, temperature: float, grad_s: bool, grad_t: bool):
     """(per-row loss, ∂row/∂s or empty, ∂row/∂t or empty); arguments already validated."""
     s, t = _rows_contiguous(s), _rows_contiguous(t)
-    (B, C), (acc, tl_acc) = s.shape, _acc(s.dtype)
+    (B, C), acc = s.shape, acc_dtype(s.dtype)
     loss = torch.empty(B, dtype=acc, device=s.device)
     gs = torch.empty((B, C) if grad_s else (0,), dtype=s.dtype, device=s.device)
     gt = torch.empty((B, C) if grad_t else (0,), dtype=s.dtype, device=s.device)
@@ -156,7 +156,7 @@ def triton_kl_div_fwd(s: torch.Tensor, t: torch.Tensor, temperature: float, grad
     block_c, rows, warps = launch_config(B, C)
     _kl_div_fwd_kernel[(triton.cdiv(B, rows),)](
         s, t, loss, gs, gt, B, C, s.stride(0), t.stride(0), 1.0 / temperature, float(temperature),
-        ACC=tl_acc, GRAD_S=grad_s, GRAD_T=grad_t, ROWS=rows, BLOCK_C=block_c, SINGLE_TILE=C <= block_c,
+        ACC=TL_DTYPES[acc], GRAD_S=grad_s, GRAD_T=grad_t, ROWS=rows, BLOCK_C=block_c, SINGLE_TILE=C <= block_c,
         num_warps=warps)
     return loss, gs, gt
 
@@ -164,7 +164,7 @@ def triton_kl_div_fwd(s: torch.Tensor, t: torch.Tensor, temperature: float, grad
 def triton_l1_fwd(s: torch.Tensor, t: torch.Tensor, grad: bool):
     """(per-row Σ|s − t|, sign(s − t) or empty); arguments already validated."""
     s, t = _rows_contiguous(s), _rows_contiguous(t)
-    (B, C), (acc, tl_acc) = s.shape, _acc(s.dtype)
+    (B, C), acc = s.shape, acc_dtype(s.dtype)
     loss = torch.empty(B, dtype=acc, device=s.device)
     gs = torch.empty((B, C) if grad else (0,), dtype=s.dtype, device=s.device)
     if B == 0:
@@ -172,5 +172,5 @@ def triton_l1_fwd(s: torch.Tensor, t: torch.Tensor, grad: bool):
     block_c, rows, warps = launch_config(B, C)
     _l1_fwd_kernel[(triton.cdiv(B, rows),)](
         s, t, loss, gs, B, C, s.stride(0), t.stride(0),
-        ACC=tl_acc, GRAD=grad, ROWS=rows, BLOCK_C=block_c, num_warps=warps)
+        ACC=TL_DTYPES[acc], GRAD=grad, ROWS=rows, BLOCK_C=block_c, num_warps=warps)
     return loss, gs

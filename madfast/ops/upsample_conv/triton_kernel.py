@@ -10,11 +10,11 @@ Status: forward only, correctness-tested under the CPU interpreter; not yet tune
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from madfast.ops._triton import interpreted
 
 __all__ = ["triton_upsample_conv_fwd", "triton_upsample_conv_grad_weight", "triton_upsample_conv_grad_input"]
 
@@ -131,7 +131,7 @@ def triton_upsample_conv_grad_weight(x: torch.Tensor, grad_y: torch.Tensor, weig
     _upsample_conv_grad_weight_kernel[grid](
         x, grad_y, gw, N, Cin, H, W, Cout, OH, OW, (H - 1) / (OH - 1), (W - 1) / (OW - 1),
         *x.stride(), *grad_y.stride(),
-        LOWP=x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and not _interpreted()),
+        LOWP=_tensor_core_dot(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return gw.reshape(weight_shape)
 
@@ -219,8 +219,10 @@ def triton_upsample_conv_grad_input(grad_y: torch.Tensor, weight: torch.Tensor, 
     return gx
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def _tensor_core_dot(dtype: torch.dtype) -> bool:
+    """Dot in the input precision for fp16/bf16. Triton 3.8's CPU interpreter computes bf16 tl.dot
+    wrongly (numpy has no bf16), so there bf16 operands take the fp32 dot; GPUs use tensor cores."""
+    return dtype == torch.float16 or (dtype == torch.bfloat16 and not interpreted())
 
 
 def triton_upsample_conv_fwd(x: torch.Tensor, weight: torch.Tensor, stats: bool = True,
@@ -243,8 +245,6 @@ def triton_upsample_conv_fwd(x: torch.Tensor, weight: torch.Tensor, stats: bool 
         x, w, y, total, total_sq, N, Cin, H, W, Cout, OH, OW,
         (H - 1) / (OH - 1), (W - 1) / (OW - 1),
         *x.stride(), *y.stride(),
-        # Triton 3.8's CPU interpreter computes bf16 tl.dot wrongly (numpy has no bf16), so there
-        # the bf16 operands go through the fp32 dot; GPUs use the bf16 tensor-core path.
-        STATS=stats, LOWP=x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and not _interpreted()),
+        STATS=stats, LOWP=_tensor_core_dot(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return y, total, total_sq
