@@ -1,10 +1,15 @@
-"""The fused upsample×2 → conv3×3 (Triton implicit GEMMs, forward and backward) against the torch reference."""
+"""The fused upsample×2 → conv3×3 (Triton implicit GEMMs; the C++/CUDA kernels of csrc/), forward
+and backward, against the torch reference."""
 
 import pytest
 import torch
 
-from conftest import skip_unless_available
+from conftest import DEVICES, backends_for, skip_unless_available
 from madfast.ops.upsample_conv import torch_upsample_conv, upsample_conv
+
+# every compiled backend on every device here: (cpu, triton) under the interpreter, (cpu, cpp) the
+# host twin of the CUDA kernels, and with a GPU (cuda, triton), (cuda, cuda)
+BACKENDS = [(d, b) for d in DEVICES for b in backends_for(d) if b != "torch"]
 
 FLOORS = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 CASES = [  # (N, Cin, Cout, H, W): 1×1→2×2, 4×4→8×8, 7×7→14×14, 8×8→16×16; odd channel counts
@@ -20,7 +25,7 @@ def run(fn, x, w):
     x, w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     y, s, ss = fn(x, w)
     # grad_output ≠ 1, and gradients through the statistics too (as train-mode BN takes them)
-    loss = (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)).sum()
+    loss = (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).reshape(y.shape)).sum()
     (loss + (s.double() * 0.01).sum() + (ss.double() * 1e-3).sum()).backward()
     return [y.detach(), s.detach(), ss.detach(), x.grad, w.grad]
 
@@ -28,12 +33,13 @@ def run(fn, x, w):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
-def test_matches_reference(case, channels_last, dtype):
-    skip_unless_available("upsample_conv", "triton", "cpu")
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_matches_reference(device, backend, case, channels_last, dtype):
+    skip_unless_available("upsample_conv", backend, device)
     N, Cin, Cout, H, W = case
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(N, Cin, H, W, generator=g, dtype=torch.float64)
-    w = torch.randn(Cout, Cin, 3, 3, generator=g, dtype=torch.float64) / (3 * Cin**0.5)
+    x = torch.randn(N, Cin, H, W, generator=g, dtype=torch.float64).to(device)
+    w = torch.randn(Cout, Cin, 3, 3, generator=g, dtype=torch.float64).to(device) / (3 * Cin**0.5)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
 
@@ -43,7 +49,7 @@ def test_matches_reference(case, channels_last, dtype):
 
     ref = run(reference, x, w)
     same = run(reference, x.to(dtype), w.to(dtype))
-    ours = run(lambda a, b: upsample_conv(a, b, stats=True, backend="triton"), x.to(dtype), w.to(dtype))
+    ours = run(lambda a, b: upsample_conv(a, b, stats=True, backend=backend), x.to(dtype), w.to(dtype))
     assert ours[0].dtype == dtype and ours[0].shape == (N, Cout, 2 * H, 2 * W)
     if channels_last and H * W > 1:
         assert ours[0].is_contiguous(memory_format=torch.channels_last)
@@ -52,25 +58,67 @@ def test_matches_reference(case, channels_last, dtype):
         assert rel_err(ours[i], ref[i]) <= bound, f"{what}: {rel_err(ours[i], ref[i]):.3g} > {bound:.3g}"
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_fp64_and_gradients_of_one_input(device, backend):
+    """fp64 runs in fp64 on the C++/CUDA kernels (fp32 GEMMs in Triton), sums included; asking for
+    one gradient computes only that one."""
+    skip_unless_available("upsample_conv", backend, device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 6, 7, generator=g, dtype=torch.float64).to(device)
+    w = torch.randn(4, 5, 3, 3, generator=g, dtype=torch.float64).to(device)
+    tol = 1e-10 if backend != "triton" else 1e-4
+    ref = torch_upsample_conv(x, w)
+    y, s, ss = upsample_conv(x, w, stats=True, backend=backend)
+    assert s.dtype == ss.dtype == torch.float64
+    for ours, theirs in ((y, ref), (s, ref.sum((0, 2, 3))), (ss, ref.square().sum((0, 2, 3)))):
+        torch.testing.assert_close(ours, theirs, atol=tol * theirs.abs().max().item(), rtol=tol)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(device)
+    for wanted in ("x", "w"):
+        a, b = x.clone().requires_grad_(wanted == "x"), w.clone().requires_grad_(wanted == "w")
+        (grad,) = torch.autograd.grad((upsample_conv(a, b, backend=backend)[0] * gy).sum(), a if wanted == "x" else b)
+        (expected,) = torch.autograd.grad((torch_upsample_conv(a, b) * gy).sum(), a if wanted == "x" else b)
+        torch.testing.assert_close(grad, expected, atol=tol * expected.abs().max().item(), rtol=tol)
+
+
 def test_without_stats_and_torch_backend():
     x, w = torch.randn(2, 3, 4, 4), torch.randn(5, 3, 3, 3)
     y, s, ss = upsample_conv(x, w, backend="torch")
     assert s is None and ss is None
     torch.testing.assert_close(y, torch_upsample_conv(x, w))
-    skip_unless_available("upsample_conv", "triton", "cpu")
-    y2, s2, _ = upsample_conv(x, w, backend="triton")
-    assert s2 is None
-    torch.testing.assert_close(y2, y, atol=1e-5, rtol=1e-5)
+    for backend in ("cpp", "triton"):
+        skip_unless_available("upsample_conv", backend, "cpu")
+        y2, s2, _ = upsample_conv(x, w, backend=backend)
+        assert s2 is None
+        torch.testing.assert_close(y2, y, atol=1e-5, rtol=1e-5)
 
 
-def test_opcheck_and_compile():
-    skip_unless_available("upsample_conv", "triton", "cpu")
-    x, w = torch.randn(2, 3, 4, 5, requires_grad=True), torch.randn(4, 3, 3, 3, requires_grad=True)
-    torch.library.opcheck(torch.ops.madfast.upsample_conv_triton, (x, w, True))
-    g = torch.randn(2, 4, 8, 10)
-    torch.library.opcheck(torch.ops.madfast.upsample_conv_backward_triton, (g, x.detach(), w.detach(), True, True))
+def test_empty_inputs():
+    skip_unless_available("upsample_conv", "cpp", "cpu")
+    for x, w in ((torch.randn(0, 3, 4, 4), torch.randn(5, 3, 3, 3)), (torch.randn(2, 3, 4, 4), torch.randn(0, 3, 3, 3))):
+        x.requires_grad_(), w.requires_grad_()
+        y, s, ss = upsample_conv(x, w, stats=True, backend="cpp")
+        assert y.shape == (x.shape[0], w.shape[0], 8, 8) and s.shape == ss.shape == (w.shape[0],)
+        assert torch.count_nonzero(s) == 0
+        gx, gw = torch.autograd.grad(y.sum() + s.sum(), (x, w))
+        assert gx.shape == x.shape and gw.shape == w.shape and torch.count_nonzero(gx) == torch.count_nonzero(gw) == 0
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_opcheck_and_compile(device, backend):
+    skip_unless_available("upsample_conv", backend, device)
+    forward = torch.ops.madfast.upsample_conv_triton if backend == "triton" else torch.ops.madfast.upsample_conv
+    backward = (torch.ops.madfast.upsample_conv_backward_triton if backend == "triton"
+                else torch.ops.madfast.upsample_conv_backward)
+    x = torch.randn(2, 3, 4, 5, device=device, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
+    torch.library.opcheck(forward, (x, w, True))
+    torch.library.opcheck(forward, (x.detach().contiguous(memory_format=torch.channels_last), w, False))
+    g, y = torch.randn(2, 4, 8, 10, device=device), torch.randn(2, 4, 8, 10, device=device)
+    gs, gss = torch.randn(4, device=device), torch.randn(4, device=device)
+    torch.library.opcheck(backward, (g, x.detach(), w.detach(), None, None, None, True, True))
+    torch.library.opcheck(backward, (g, x.detach(), w.detach(), y, gs, gss, True, False))
     torch._dynamo.reset()
-    compiled = torch.compile(lambda a, b: upsample_conv(a, b, stats=True, backend="triton")[0].sum(),
+    compiled = torch.compile(lambda a, b: upsample_conv(a, b, stats=True, backend=backend)[0].sum(),
                              fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, w), torch_upsample_conv(x, w).sum(), atol=1e-4, rtol=1e-5)
 
@@ -85,6 +133,29 @@ def test_bad_input():
         upsample_conv(x, w.double())
     with pytest.raises(ValueError, match="weight must have shape"):
         upsample_conv(x, torch.randn(5, 3, 5, 5))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_bad_input_to_the_ops_themselves(backend):
+    """The registered ops check their arguments too (C++: csrc/upsample_conv.h), naming each one."""
+    skip_unless_available("upsample_conv", backend, "cpu")
+    suffix = "_triton" if backend == "triton" else ""
+    forward = getattr(torch.ops.madfast, "upsample_conv" + suffix)
+    backward = getattr(torch.ops.madfast, "upsample_conv_backward" + suffix)
+    x, w, g = torch.randn(2, 3, 4, 4), torch.randn(5, 3, 3, 3), torch.randn(2, 5, 8, 8)
+    if backend == "cpp":  # the Triton forward is only reached through upsample_conv, which checks
+        with pytest.raises(ValueError, match="weight must have shape \\(Cout, 3, 3, 3\\)"):
+            forward(x, torch.randn(5, 4, 3, 3), True)
+        with pytest.raises(TypeError, match="weight has dtype"):
+            forward(x, w.half(), True)
+        with pytest.raises(ValueError, match="x must be 4-D"):
+            forward(x[0], w, True)
+    with pytest.raises(ValueError, match="grad_y must have shape"):
+        backward(g[:, :4], x, w, None, None, None, True, True)
+    with pytest.raises(ValueError, match="grad_sum must have shape"):
+        backward(g, x, w, None, torch.randn(4), None, True, True)
+    with pytest.raises(ValueError, match="y \\(the forward's output\\) must be given"):
+        backward(g, x, w, None, None, torch.randn(5), True, True)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -1,9 +1,12 @@
 """madfast.ops.upsample_conv: conv3×3(bilinear-upsample×2(x)) with BatchNorm's per-channel sums.
 
-On the "triton" backend (``madfast::upsample_conv_triton``) no up-sampled tensor is ever
-written: the forward is an implicit GEMM whose loader interpolates, the weight gradient the same
-GEMM transposed, and the input gradient a conv-transpose GEMM chained with the bilinear adjoint
-per tile of input pixels. Other backends run the torch reference. Not yet tuned on a GPU.
+No compiled backend ever writes the up-sampled tensor. "triton" (``madfast::upsample_conv_triton``):
+the forward is an implicit GEMM whose loader interpolates, the weight gradient the same GEMM
+transposed, the input gradient a conv-transpose GEMM chained with the bilinear adjoint per tile
+of input pixels. "cuda" and "cpp" (``madfast::upsample_conv``, csrc/): the same three
+computations, tiled SIMT GEMMs on the GPU and row-at-a-time loops on the CPU, sharing their
+per-element math (csrc/upsample_conv.h). Every backward folds the gradients of the BatchNorm sums
+into grad_y as it reads it. None is measured on a GPU yet, so "auto" keeps the torch reference.
 """
 
 from __future__ import annotations
@@ -14,9 +17,30 @@ import torch
 
 from madfast import _backend
 from madfast.ops._checks import check_floating, check_same
+from madfast.ops._dtypes import acc_dtype
 from madfast.ops.upsample_conv.reference import torch_upsample_conv
 
 __all__ = ["upsample_conv"]
+
+
+def _check_backward(grad_y, x, weight, y, grad_sum, grad_sumsq) -> None:
+    """The backward op's own checks (the C++ op makes the same ones in csrc/upsample_conv.h)."""
+    op = "upsample_conv_backward"
+    _check(x, weight)
+    out_shape = (x.shape[0], weight.shape[0], 2 * x.shape[2], 2 * x.shape[3])
+    check_floating(op, "grad_y", grad_y, ndim=4)
+    check_same(op, "grad_y", grad_y, "x", x, shape=False)
+    if tuple(grad_y.shape) != out_shape:
+        raise ValueError(f"{op}: grad_y must have shape {out_shape}, got {tuple(grad_y.shape)}")
+    for name, t in (("grad_sum", grad_sum), ("grad_sumsq", grad_sumsq)):
+        if t is not None and tuple(t.shape) != (weight.shape[0],):
+            raise ValueError(f"{op}: {name} must have shape ({weight.shape[0]},), got {tuple(t.shape)}")
+        if t is not None:
+            check_same(op, name, t, "x", x, shape=False, dtype=False)
+    if grad_sumsq is not None:
+        if y is None:
+            raise ValueError(f"{op}: y (the forward's output) must be given when grad_sumsq is")
+        check_same(op, "y", y, "grad_y", grad_y)
 
 
 def _check(x, weight) -> None:
@@ -32,32 +56,44 @@ def _check(x, weight) -> None:
 def _fake(x, weight, stats):
     N, _, H, W = x.shape
     y = x.new_empty((N, weight.shape[0], 2 * H, 2 * W))
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        y = y.contiguous(memory_format=torch.channels_last)
     width = weight.shape[0] if stats else 0
-    return y, x.new_empty(width, dtype=torch.float32), x.new_empty(width, dtype=torch.float32)
+    acc = acc_dtype(x.dtype)
+    return y, x.new_empty(width, dtype=acc), x.new_empty(width, dtype=acc)
 
 
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], inputs[1], output[0] if inputs[2] else None)
-
-
-def _backward(ctx, g_y, g_sum, g_sumsq):
-    x, weight, y = ctx.saved_tensors
-    # Train-mode BatchNorm differentiates through the batch statistics: ∂Σy/∂y = 1, ∂Σy²/∂y = 2y.
-    if g_sum is not None and g_sum.numel():
-        g_y = g_y + g_sum.view(1, -1, 1, 1).to(g_y.dtype)
-    if g_sumsq is not None and g_sumsq.numel():
-        g_y = g_y + 2 * y * g_sumsq.view(1, -1, 1, 1).to(g_y.dtype)
-    g_x, g_w = torch.ops.madfast.upsample_conv_backward_triton(g_y, x, weight, *ctx.needs_input_grad[:2])
-    return (g_x if ctx.needs_input_grad[0] else None), (g_w if ctx.needs_input_grad[1] else None), None
-
-
-def _fake_backward(grad_y, x, weight, grad_input, grad_weight):
+def _fake_backward(grad_y, x, weight, y, grad_sum, grad_sumsq, grad_input, grad_weight):
     return (torch.empty_like(x) if grad_input else x.new_empty(0),
             torch.empty_like(weight) if grad_weight else weight.new_empty(0))
 
 
+def _setup(backward_op: str):
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1], output[0] if inputs[2] else None)
+        ctx.backward_op = backward_op
+    return setup
+
+
+def _backward(ctx, g_y, g_sum, g_sumsq):
+    x, weight, y = ctx.saved_tensors
+    # Train-mode BatchNorm differentiates through the batch statistics; the kernels fold those
+    # gradients into grad_y as they read it (see the backward schema in csrc/madfast.cpp).
+    g_sum = g_sum if g_sum is not None and g_sum.numel() else None
+    g_sumsq = g_sumsq if g_sumsq is not None and g_sumsq.numel() else None
+    g_x, g_w = getattr(torch.ops.madfast, ctx.backward_op)(
+        g_y, x, weight, y if g_sumsq is not None else None, g_sum, g_sumsq, *ctx.needs_input_grad[:2])
+    return (g_x if ctx.needs_input_grad[0] else None), (g_w if ctx.needs_input_grad[1] else None), None
+
+
+if _backend.has_kernel("upsample_conv", "CPU") or _backend.has_kernel("upsample_conv", "CUDA"):
+    torch.library.register_fake("madfast::upsample_conv")(_fake)
+    torch.library.register_fake("madfast::upsample_conv_backward")(_fake_backward)
+    torch.library.register_autograd("madfast::upsample_conv", _backward, setup_context=_setup("upsample_conv_backward"))
+
 if importlib.util.find_spec("triton") is not None:
     from madfast.ops.upsample_conv.triton_kernel import (
+        GradFold,
         triton_upsample_conv_fwd,
         triton_upsample_conv_grad_input,
         triton_upsample_conv_grad_weight,
@@ -69,16 +105,22 @@ if importlib.util.find_spec("triton") is not None:
         return triton_upsample_conv_fwd(x, weight, stats)
 
     @torch.library.custom_op("madfast::upsample_conv_backward_triton", mutates_args=())
-    def _upsample_conv_backward_triton(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, grad_input: bool,
+    def _upsample_conv_backward_triton(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                       y: torch.Tensor | None, grad_sum: torch.Tensor | None,
+                                       grad_sumsq: torch.Tensor | None, grad_input: bool,
                                        grad_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        grad_y = grad_y.contiguous()
-        g_x = triton_upsample_conv_grad_input(grad_y, weight, x.shape, x) if grad_input else x.new_empty(0)
-        g_w = (triton_upsample_conv_grad_weight(x, grad_y, weight.shape).to(weight.dtype) if grad_weight
+        _check_backward(grad_y, x, weight, y, grad_sum, grad_sumsq)
+        # (Cout,) gradients arrive expanded (stride 0) from a sum: the kernels index them densely
+        grad_sum, grad_sumsq = (None if t is None else t.to(acc_dtype(x.dtype)).contiguous()
+                                for t in (grad_sum, grad_sumsq))
+        fold = GradFold(y if grad_sumsq is not None else grad_y, grad_sum, grad_sumsq)
+        g_x = triton_upsample_conv_grad_input(grad_y, weight, x.shape, x, fold) if grad_input else x.new_empty(0)
+        g_w = (triton_upsample_conv_grad_weight(x, grad_y, weight.shape, fold).to(weight.dtype) if grad_weight
                else weight.new_empty(0))
         return g_x, g_w
 
     _upsample_conv_triton.register_fake(_fake)
-    _upsample_conv_triton.register_autograd(_backward, setup_context=_setup)
+    _upsample_conv_triton.register_autograd(_backward, setup_context=_setup("upsample_conv_backward_triton"))
     _upsample_conv_backward_triton.register_fake(_fake_backward)
 
 
@@ -94,20 +136,18 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, *, stats: bool = False,
     Args:
         x: (N, Cin, H, W), contiguous or channels_last.
         weight: (Cout, Cin, 3, 3), same dtype and device.
-        stats: also return Σy and Σy² per output channel (fp32), for BatchNorm.
-        backend: "auto" (the reference for now, see AUTO), "torch" or "triton".
+        stats: also return Σy and Σy² per output channel (fp32, fp64 for fp64), for BatchNorm.
+        backend: "auto" (the reference for now, see AUTO), "torch", "triton", "cuda" or "cpp".
     Returns:
         (y (N, Cout, 2H, 2W), Σy or None, Σy² or None).
     """
     _check(x, weight)
     chosen = _backend.choose("upsample_conv", backend, x.device, auto=AUTO)
-    if chosen in ("cpp", "cuda"):
-        raise _backend.BackendUnavailableError(f"upsample_conv: backend={chosen!r} is not implemented yet")
     if chosen == "torch":
         y = torch_upsample_conv(x, weight)
         if not stats:
             return y, None, None
-        yf = y.float()
+        yf = y.to(acc_dtype(y.dtype))
         return y, yf.sum((0, 2, 3)), yf.square().sum((0, 2, 3))
-    y, s, ss = torch.ops.madfast.upsample_conv_triton(x, weight, stats)
+    y, s, ss = _backend.compiled_op("upsample_conv", chosen)(x, weight, stats)
     return (y, s, ss) if stats else (y, None, None)

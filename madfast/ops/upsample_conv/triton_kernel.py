@@ -10,13 +10,17 @@ Status: forward only, correctness-tested under the CPU interpreter; not yet tune
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
+from madfast.ops._dtypes import acc_dtype
 from madfast.ops._triton import interpreted
 
-__all__ = ["triton_upsample_conv_fwd", "triton_upsample_conv_grad_weight", "triton_upsample_conv_grad_input"]
+__all__ = ["GradFold", "triton_upsample_conv_fwd", "triton_upsample_conv_grad_weight",
+           "triton_upsample_conv_grad_input"]
 
 
 @triton.jit
@@ -50,7 +54,7 @@ def _upsample_conv_fwd_kernel(
     x_ptr,  # (N, Cin, H, W), strides sx_*
     w_ptr,  # (Cout, Cin·9) contiguous
     y_ptr,  # (N, Cout, OH, OW), strides sy_*
-    sum_ptr, sumsq_ptr,  # (Cout,) fp32, zero-initialised; Σy and Σy² over N·OH·OW
+    sum_ptr, sumsq_ptr,  # (Cout,) fp32 (fp64 for fp64), zero-initialised; Σy and Σy² over N·OH·OW
     NB, Cin, H, W, Cout, OH, OW, scale_h, scale_w,
     sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w,
     STATS: tl.constexpr, LOWP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -79,18 +83,56 @@ def _upsample_conv_fwd_kernel(
     keep = m_ok[:, None] & co_ok[None, :]
     tl.store(y_ptr + y_off, out, mask=keep)
     if STATS:  # BatchNorm's batch statistics of the stored (rounded) values
-        yv = tl.where(keep, out.to(tl.float32), 0.0)
+        yv = tl.where(keep, out.to(sum_ptr.dtype.element_ty), 0.0)
         tl.atomic_add(sum_ptr + co, tl.sum(yv, 0), mask=co_ok)
         tl.atomic_add(sumsq_ptr + co, tl.sum(yv * yv, 0), mask=co_ok)
+
+
+class GradFold(NamedTuple):
+    """The forward's output y and the (Cout,) gradients of its BatchNorm sums Σy and Σy², to be
+    folded into grad_y as the backward kernels read it; an absent gradient is None."""
+
+    y: torch.Tensor
+    grad_sum: torch.Tensor | None
+    grad_sumsq: torch.Tensor | None
+
+    @staticmethod
+    def none(grad_y: torch.Tensor) -> GradFold:
+        return GradFold(grad_y, None, None)
+
+    def pointers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # an unused pointer still needs a tensor; the kernels never read it (FOLD_* False)
+        return (self.y, self.y if self.grad_sum is None else self.grad_sum,
+                self.y if self.grad_sumsq is None else self.grad_sumsq)
+
+    def flags(self) -> dict[str, bool]:
+        return {"FOLD_SUM": self.grad_sum is not None, "FOLD_SUMSQ": self.grad_sumsq is not None}
+
+
+@triton.jit
+def _load_grad(gy_ptr, y_ptr, gsum_ptr, gsumsq_ptr, g_off, y_off, co, mask,
+               FOLD_SUM: tl.constexpr, FOLD_SUMSQ: tl.constexpr):
+    """A tile of grad_y as the backward reads it, fp32, 0 where not mask. With train-mode BatchNorm
+    the gradients of its sums are folded in here (∂Σy/∂y = 1, ∂Σy²/∂y = 2y): grad_y + g_Σ[co] +
+    2·y·g_Σ²[co], so no temporary of y's size is written for them."""
+    g = tl.load(gy_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
+    if FOLD_SUM:
+        g += tl.load(gsum_ptr + co, mask=mask, other=0.0).to(tl.float32)
+    if FOLD_SUMSQ:
+        y = tl.load(y_ptr + y_off, mask=mask, other=0.0).to(tl.float32)
+        g += 2 * y * tl.load(gsumsq_ptr + co, mask=mask, other=0.0).to(tl.float32)
+    return g
 
 
 @triton.jit
 def _upsample_conv_grad_weight_kernel(
     x_ptr,  # (N, Cin, H, W), strides sx_*
     gy_ptr,  # (N, Cout, OH, OW), strides sg_*
+    y_ptr, gsum_ptr, gsumsq_ptr,  # y (strides sy_*), (Cout,) g_Σ and g_Σ²: read only when folded
     gw_ptr,  # (Cout, Cin·9) fp32 contiguous
     NB, Cin, H, W, Cout, OH, OW, scale_h, scale_w,
-    sx_n, sx_c, sx_h, sx_w, sg_n, sg_c, sg_h, sg_w,
+    sx_n, sx_c, sx_h, sx_w, sg_n, sg_c, sg_h, sg_w, sy_n, sy_c, sy_h, sy_w,
+    FOLD_SUM: tl.constexpr, FOLD_SUMSQ: tl.constexpr,
     LOWP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grad_w[co, k] = Σ_m grad_y[m, co]·A[m, k], A gathered as in the forward: no upsampled tensor."""
@@ -109,18 +151,23 @@ def _upsample_conv_grad_weight_kernel(
         oh = (m // OW) % OH
         ow = m % OW
         a = _gather_upsampled(x_ptr, n, oh, ow, m_ok, k, K, H, W, OH, OW, scale_h, scale_w, sx_n, sx_c, sx_h, sx_w)
-        g = tl.load(gy_ptr + co[:, None] * sg_c + n[None, :] * sg_n + oh[None, :] * sg_h + ow[None, :] * sg_w,
-                    mask=co_ok[:, None] & m_ok[None, :], other=0.0)
+        g = _load_grad(gy_ptr, y_ptr, gsum_ptr, gsumsq_ptr,
+                       co[:, None] * sg_c + n[None, :] * sg_n + oh[None, :] * sg_h + ow[None, :] * sg_w,
+                       co[:, None] * sy_c + n[None, :] * sy_n + oh[None, :] * sy_h + ow[None, :] * sy_w,
+                       co[:, None], co_ok[:, None] & m_ok[None, :], FOLD_SUM, FOLD_SUMSQ)
         if LOWP:
-            acc += tl.dot(g, a.to(g.dtype))
+            lowp = x_ptr.dtype.element_ty
+            acc += tl.dot(g.to(lowp), a.to(lowp))
         else:
             acc += tl.dot(g.to(tl.float32), a, input_precision="ieee")
     tl.store(gw_ptr + co[:, None] * K + k[None, :], acc, mask=co_ok[:, None] & (k < K)[None, :])
 
 
 def triton_upsample_conv_grad_weight(x: torch.Tensor, grad_y: torch.Tensor, weight_shape: torch.Size,
+                                     fold: GradFold | None = None,
                                      block_m: int = 32, block_n: int = 32, block_k: int = 32) -> torch.Tensor:
-    """The weight gradient of conv3×3(upsample×2(x)) given grad_y, in fp32 (Cout, Cin, 3, 3)."""
+    """The weight gradient of conv3×3(upsample×2(x)) given grad_y (and the BN sums' gradients in
+    ``fold``), in fp32 (Cout, Cin, 3, 3)."""
     N, Cin, H, W = x.shape
     Cout = weight_shape[0]
     OH, OW = 2 * H, 2 * W
@@ -128,9 +175,10 @@ def triton_upsample_conv_grad_weight(x: torch.Tensor, grad_y: torch.Tensor, weig
     if x.numel() == 0 or Cout == 0:
         return gw.reshape(weight_shape)
     grid = (triton.cdiv(Cout, block_n), triton.cdiv(Cin * 9, block_k))
+    fold = fold or GradFold.none(grad_y)
     _upsample_conv_grad_weight_kernel[grid](
-        x, grad_y, gw, N, Cin, H, W, Cout, OH, OW, (H - 1) / (OH - 1), (W - 1) / (OW - 1),
-        *x.stride(), *grad_y.stride(),
+        x, grad_y, *fold.pointers(), gw, N, Cin, H, W, Cout, OH, OW, (H - 1) / (OH - 1), (W - 1) / (OW - 1),
+        *x.stride(), *grad_y.stride(), *fold.y.stride(), **fold.flags(),
         LOWP=_tensor_core_dot(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return gw.reshape(weight_shape)
@@ -153,10 +201,12 @@ def _bilinear_weight(u, h, scale, H):
 @triton.jit
 def _upsample_conv_grad_input_kernel(
     gy_ptr,  # (N, Cout, OH, OW), strides sg_*
+    y_ptr, gsum_ptr, gsumsq_ptr,  # y (strides sy_*), (Cout,) g_Σ and g_Σ²: read only when folded
     w_ptr,  # (Cout·9, Cin) contiguous: the weight with taps first
     gx_ptr,  # (N, Cin, H, W), strides sx_*
     Cin, H, W, Cout, OH, OW, scale_h, scale_w, tiles_h, tiles_w,
-    sg_n, sg_c, sg_h, sg_w, sx_n, sx_c, sx_h, sx_w,
+    sg_n, sg_c, sg_h, sg_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
+    FOLD_SUM: tl.constexpr, FOLD_SUMSQ: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, REGION: tl.constexpr, REGION_W: tl.constexpr,
     BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -184,9 +234,12 @@ def _upsample_conv_grad_input_kernel(
         y_row = u[:, None] + 1 - kh[None, :]
         y_col = v[:, None] + 1 - kw[None, :]
         ok = p_ok[:, None] & (k < K)[None, :] & (y_row >= 0) & (y_row < OH) & (y_col >= 0) & (y_col < OW)
-        g = tl.load(gy_ptr + n * sg_n + co[None, :] * sg_c + y_row * sg_h + y_col * sg_w, mask=ok, other=0.0)
+        g = _load_grad(gy_ptr, y_ptr, gsum_ptr, gsumsq_ptr,
+                       n * sg_n + co[None, :] * sg_c + y_row * sg_h + y_col * sg_w,
+                       n * sy_n + co[None, :] * sy_c + y_row * sy_h + y_col * sy_w,
+                       co[None, :], ok, FOLD_SUM, FOLD_SUMSQ)
         wt = tl.load(w_ptr + k[:, None] * Cin + ci[None, :], mask=(k < K)[:, None] & ci_ok[None, :], other=0.0)
-        g_up += tl.dot(g.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
+        g_up += tl.dot(g, wt.to(tl.float32), input_precision="ieee")
     # 2) the bilinear adjoint: grad_x[i] = Σ_p weight(p → i)·g_up[p]
     i = tl.arange(0, TILE_H * TILE_W)
     h = h_lo + i // TILE_W
@@ -200,8 +253,10 @@ def _upsample_conv_grad_input_kernel(
 
 
 def triton_upsample_conv_grad_input(grad_y: torch.Tensor, weight: torch.Tensor, x_shape: torch.Size,
-                                    x_like: torch.Tensor, block_ci: int = 32, block_k: int = 32) -> torch.Tensor:
-    """The input gradient of conv3×3(upsample×2(x)) given grad_y, in x's dtype and layout."""
+                                    x_like: torch.Tensor, fold: GradFold | None = None,
+                                    block_ci: int = 32, block_k: int = 32) -> torch.Tensor:
+    """The input gradient of conv3×3(upsample×2(x)) given grad_y (and the BN sums' gradients in
+    ``fold``), in x's dtype and layout."""
     N, Cin, H, W = x_shape
     Cout = weight.shape[0]
     gx = torch.empty_like(x_like)
@@ -212,9 +267,10 @@ def triton_upsample_conv_grad_input(grad_y: torch.Tensor, weight: torch.Tensor, 
     w = weight.permute(0, 2, 3, 1).reshape(Cout * 9, Cin).contiguous()  # rows (co, kh, kw) as in the loop
     tiles_h, tiles_w = triton.cdiv(H, TILE_H), triton.cdiv(W, TILE_W)
     grid = (N * tiles_h * tiles_w, triton.cdiv(Cin, block_ci))
+    fold = fold or GradFold.none(grad_y)
     _upsample_conv_grad_input_kernel[grid](
-        grad_y, w, gx, Cin, H, W, Cout, 2 * H, 2 * W, (H - 1) / (2 * H - 1), (W - 1) / (2 * W - 1), tiles_h, tiles_w,
-        *grad_y.stride(), *gx.stride(),
+        grad_y, *fold.pointers(), w, gx, Cin, H, W, Cout, 2 * H, 2 * W, (H - 1) / (2 * H - 1), (W - 1) / (2 * W - 1),
+        tiles_h, tiles_w, *grad_y.stride(), *fold.y.stride(), *gx.stride(), **fold.flags(),
         TILE_H=TILE_H, TILE_W=TILE_W, REGION=REGION, REGION_W=2 * TILE_W + 4, BLOCK_CI=block_ci, BLOCK_K=block_k)
     return gx
 
@@ -228,14 +284,14 @@ def _tensor_core_dot(dtype: torch.dtype) -> bool:
 def triton_upsample_conv_fwd(x: torch.Tensor, weight: torch.Tensor, stats: bool = True,
                              block_m: int = 64, block_n: int = 32, block_k: int = 32):
     """(y (N, Cout, 2H, 2W) in x's dtype and layout, Σy (Cout,), Σy² (Cout,)) — the sums are fp32
-    and empty when ``stats`` is False. Arguments already validated."""
+    (fp64 for fp64) and empty when ``stats`` is False. Arguments already validated."""
     N, Cin, H, W = x.shape
     Cout = weight.shape[0]
     OH, OW = 2 * H, 2 * W
     memory_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not \
         x.is_contiguous() else torch.contiguous_format
     y = torch.empty((N, Cout, OH, OW), dtype=x.dtype, device=x.device, memory_format=memory_format)
-    total = torch.zeros(Cout if stats else 0, dtype=torch.float32, device=x.device)
+    total = torch.zeros(Cout if stats else 0, dtype=acc_dtype(x.dtype), device=x.device)
     total_sq = torch.zeros_like(total)
     if y.numel() == 0:
         return y, total, total_sq
