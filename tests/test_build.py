@@ -20,7 +20,8 @@ def _cuda_build_expected() -> bool:
     return found if forced is None else forced == "1"
 
 
-COMPILED_OPS = ["ema_update_", "kl_div_fwd", "l1_fwd", "channel_moments", "channel_moments_backward"]
+COMPILED_OPS = ["ema_update_", "kl_div_fwd", "l1_fwd", "channel_moments", "channel_moments_backward", "upsample_conv",
+                "upsample_conv_backward"]
 
 
 @pytest.mark.parametrize("op", COMPILED_OPS)
