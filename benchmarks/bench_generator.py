@@ -1,5 +1,6 @@
 """Generator block (upsample×2 → conv3×3 → BN → LeakyReLU) and whole generators: eager
-nn.Sequential (the baseline), torch.compile of it, and madfast's fused Triton path; forward and
+nn.Sequential (the baseline), torch.compile of it, and madfast's fused paths (Triton, CUDA, and
+the C++ CPU kernels); forward and
 forward+backward, fp32 and bf16, with peak memory. Shapes: batch 256 at 128→128 ch 8→16 px and
 128→64 ch 16→32 px; batch 64 at the 224-px generator's shapes. MADFAST_BENCH_SCALE shrinks the
 batch (CPU runs); the group name gives the shapes run.
@@ -17,20 +18,25 @@ from madfast.models import Generator
 from madfast.nn import UpsampleConvBlock
 
 SCALE = int(os.environ.get("MADFAST_BENCH_SCALE", "1"))
-PROVIDERS = ["eager", "compiled", "madfast_triton"]
+PROVIDERS = ["eager", "compiled", "madfast_triton", "madfast_cuda", "madfast_cpp"]
 BLOCKS = [(256, 128, 128, 8), (256, 128, 64, 16), (64, 128, 128, 7), (64, 128, 64, 56)]  # (N, Cin, Cout, H)
 GENERATORS = [(256, 32), (64, 224)]  # (batch, img_size)
 
 
+def backend_of(provider: str) -> str:
+    return provider.removeprefix("madfast_") if provider.startswith("madfast_") else "torch"
+
+
 def build(provider: str, module_fn, device: torch.device, request):
-    if provider == "madfast_triton":
+    backend = backend_of(provider)
+    if backend != "torch":
         try:
-            _backend.choose("upsample_conv", "triton", device)
+            _backend.choose("upsample_conv", backend, device)
         except _backend.BackendUnavailableError as e:
             pytest.skip(str(e))
-        if device.type == "cpu" and not request.config.getoption("--bench-triton-cpu"):
+        if backend == "triton" and device.type == "cpu" and not request.config.getoption("--bench-triton-cpu"):
             pytest.skip("Triton on CPU is the interpreter; pass --bench-triton-cpu to time it anyway")
-    module = module_fn("triton" if provider == "madfast_triton" else "torch").to(device).train()
+    module = module_fn(backend).to(device).train()
     return torch.compile(module) if provider == "compiled" else module
 
 
@@ -79,7 +85,7 @@ def test_generator(benchmark, device, request, monkeypatch, config, mode, provid
     batch, img = config
     batch = max(1, batch // SCALE)
     # The Generator's blocks use backend "auto"; MADFAST_BACKEND picks the path for this run.
-    monkeypatch.setenv("MADFAST_BACKEND", "triton" if provider == "madfast_triton" else "torch")
+    monkeypatch.setenv("MADFAST_BACKEND", backend_of(provider))
     gen = build(provider, lambda backend: Generator(nz=256, num_classes=10, img_size=img), device, request)
     z = torch.randn(batch, 256, device=device)
     y = torch.randint(0, 10, (batch,), device=device)

@@ -12,7 +12,7 @@ namespace madfast {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> channel_moments_cpu(const at::Tensor& input) {
-  const MomentsView v(input);
+  const ChannelView v(input, "channel_moments", "x");
   const auto acc = v.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor mean = at::empty({v.C}, v.x.options().dtype(acc)), var = at::empty({v.C}, v.x.options().dtype(acc));
   const int64_t M = v.N * v.HW;
@@ -44,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor> channel_moments_cpu(const at::Tensor& input) 
 
 at::Tensor channel_moments_backward_cpu(const at::Tensor& grad_mean, const at::Tensor& grad_var,
                                         const at::Tensor& input, const at::Tensor& mean) {
-  const MomentsView v(input);
+  const ChannelView v(input, "channel_moments", "x");
   check_moments_backward(grad_mean, grad_var, v, mean);
   at::Tensor out = at::empty_like(v.x);  // same layout as x
   const double M = double(v.N * v.HW);

@@ -31,6 +31,14 @@ TORCH_LIBRARY(madfast, m) {
   m.def("channel_moments(Tensor x) -> (Tensor, Tensor)");
   m.def("channel_moments_backward(Tensor grad_mean, Tensor grad_var, Tensor x, Tensor mean) -> Tensor");
 
+  // The block's tail, BatchNorm folded into per-channel scale and shift: LeakyReLU(y * scale_c + shift_c)
+  // in y's dtype and layout; scale, shift (C,) any floating dtype, used in fp32 (fp64 for fp64).
+  m.def("bn_lrelu(Tensor y, Tensor scale, Tensor shift, float negative_slope) -> Tensor");
+  // Its backward in one pass: (grad_y, grad_scale = Sum gz y, grad_shift = Sum gz), gz = grad LeakyReLU'(z);
+  // the (C,) gradients in fp32 (fp64 for fp64).
+  m.def("bn_lrelu_backward(Tensor grad, Tensor y, Tensor scale, Tensor shift, float negative_slope) -> "
+        "(Tensor, Tensor, Tensor)");
+
   // The generator block's conv3x3(bilinear-upsample-x2(x)) (align_corners=True, stride 1, pad 1, no
   // bias), never writing the up-sampled tensor -> (y (N, Cout, 2H, 2W) in x's dtype and layout,
   // Sum y (Cout,), Sum y^2 (Cout,)), the sums fp32 (fp64 for fp64) and empty unless stats.

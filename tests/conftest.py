@@ -22,6 +22,11 @@ def backends_for(device: str) -> list[str]:
     return names
 
 
+# every compiled backend of every device here: (cpu, triton) under the interpreter, (cpu, cpp), and
+# with a GPU (cuda, triton), (cuda, cuda)
+COMPILED_BACKENDS = [(d, b) for d in DEVICES for b in backends_for(d) if b != "torch"]
+
+
 def skip_unless_available(op: str, backend: str, device: str) -> None:
     try:
         _backend.choose(op, backend, torch.device(device))

@@ -21,7 +21,7 @@ def _cuda_build_expected() -> bool:
 
 
 COMPILED_OPS = ["ema_update_", "kl_div_fwd", "l1_fwd", "channel_moments", "channel_moments_backward", "upsample_conv",
-                "upsample_conv_backward"]
+                "upsample_conv_backward", "bn_lrelu", "bn_lrelu_backward"]
 
 
 @pytest.mark.parametrize("op", COMPILED_OPS)

@@ -1,8 +1,8 @@
-"""The CUDA kernels of upsample_conv (csrc/cuda/upsample_conv.cuh, host side included) run on the
-CPU through a CUDA execution-model emulator (tests/cuda_emulator/) and are checked against the
-torch reference: multi-block grids in every dimension, edge tiles, channels_last, the weight
-gradient's split of m, the folded BatchNorm gradients. Needs no GPU; on a GPU the real kernels
-are checked by test_upsample_conv.py as well."""
+"""The CUDA kernels of the generator block (csrc/cuda/upsample_conv.cuh and bn_lrelu.cuh, host
+side included) run on the CPU through a CUDA execution-model emulator (tests/cuda_emulator/) and
+are checked against the torch reference: multi-block grids in every dimension, edge tiles,
+channels_last, the splits of reductions over blocks, the folded BatchNorm gradients. Needs no
+GPU; on a GPU the real kernels are checked by test_upsample_conv.py as well."""
 
 import os
 import sys
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="th
 def emulated():
     from torch.utils.cpp_extension import load
 
-    return load(name="madfast_cuda_emulated", sources=[os.path.join(ROOT, "tests/cuda_emulator/upsample_conv_emulated.cpp")],
+    return load(name="madfast_cuda_emulated", sources=[os.path.join(ROOT, "tests/cuda_emulator/kernels_emulated.cpp")],
                 extra_include_paths=[os.path.join(ROOT, "tests/cuda_emulator"), os.path.join(ROOT, "csrc")],
                 extra_cflags=["-O1"], verbose=False)
 
@@ -81,3 +81,31 @@ def test_emulated_without_stats_or_fold(emulated):
     xr = x.clone().requires_grad_()
     (expected,) = torch.autograd.grad((torch_upsample_conv(xr, w) * gy).sum(), xr)
     torch.testing.assert_close(gx, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("shape,sm_count", [((2, 3, 5, 7), 1), ((3, 70, 1, 1), 4), ((4, 2, 33, 31), 132)],
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_emulated_bn_lrelu(emulated, shape, sm_count, layout, dtype):
+    """Forward and one-pass backward; the last shape splits each channel over several blocks."""
+    from madfast.ops.upsample_conv.bn_lrelu import bn_lrelu
+
+    g = torch.Generator().manual_seed(2)
+    y = torch.randn(shape, generator=g).to(dtype)
+    grad = torch.randn(shape, generator=g).to(dtype)
+    if layout == "channels_last":
+        y = y.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        # neither layout: y is copied to contiguous, grad read through its own strides
+        y, grad = (t.transpose(2, 3).contiguous().transpose(2, 3) for t in (y, grad))
+    scale, shift = torch.rand(shape[1], generator=g) + 0.5, torch.randn(shape[1], generator=g)
+    args = [t.double().clone().requires_grad_() for t in (y, scale, shift)]
+    expected = bn_lrelu(*args, 0.2, "torch")
+    expected_grads = torch.autograd.grad(expected, args, grad.double())
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    out = emulated.bn_lrelu(y, scale, shift, 0.2)
+    assert out.dtype == dtype and out.stride() == (y.contiguous().stride() if layout == "strided" else y.stride())
+    torch.testing.assert_close(out.double(), expected.detach(), atol=tol * 4, rtol=tol)
+    for ours, theirs in zip(emulated.bn_lrelu_backward(grad, y, scale, shift, 0.2, sm_count), expected_grads):
+        assert rel_err(ours, theirs) <= tol, rel_err(ours, theirs)

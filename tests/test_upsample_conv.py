@@ -4,12 +4,9 @@ and backward, against the torch reference."""
 import pytest
 import torch
 
-from conftest import DEVICES, backends_for, skip_unless_available
+from conftest import COMPILED_BACKENDS as BACKENDS
+from conftest import skip_unless_available
 from madfast.ops.upsample_conv import torch_upsample_conv, upsample_conv
-
-# every compiled backend on every device here: (cpu, triton) under the interpreter, (cpu, cpp) the
-# host twin of the CUDA kernels, and with a GPU (cuda, triton), (cuda, cuda)
-BACKENDS = [(d, b) for d in DEVICES for b in backends_for(d) if b != "torch"]
 
 FLOORS = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 CASES = [  # (N, Cin, Cout, H, W): 1×1→2×2, 4×4→8×8, 7×7→14×14, 8×8→16×16; odd channel counts
@@ -158,26 +155,44 @@ def test_bad_input_to_the_ops_themselves(backend):
         backward(g, x, w, None, None, torch.randn(5), True, True)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("shape", [(2, 3, 4, 5), (33, 17, 1, 1), (1, 64, 7, 7), (3, 2, 33, 31)],
                          ids=lambda s: "x".join(map(str, s)))  # the last: N·H·W split over 3 programs
-def test_bn_lrelu_matches_reference(shape, channels_last):
-    skip_unless_available("upsample_conv", "triton", "cpu")
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_bn_lrelu_matches_reference(device, backend, shape, layout):
+    skip_unless_available("upsample_conv", backend, device)
     from madfast.ops.upsample_conv.bn_lrelu import bn_lrelu
 
     g = torch.Generator().manual_seed(0)
-    y = torch.randn(shape, generator=g)
-    if channels_last:
+    y = torch.randn(shape, generator=g).to(device)
+    if layout == "channels_last":
         y = y.contiguous(memory_format=torch.channels_last)
-    scale, shift = torch.rand(shape[1], generator=g) + 0.5, torch.randn(shape[1], generator=g)
-    grad = torch.randn(shape, generator=g)
+    elif layout == "strided":
+        y = y.transpose(2, 3).contiguous().transpose(2, 3)
+    scale, shift = (torch.rand(shape[1], generator=g) + 0.5).to(device), torch.randn(shape[1], generator=g).to(device)
+    grad = torch.randn(shape, generator=g).to(device)
     results = []
-    for backend in ("torch", "triton"):
+    for b in ("torch", backend):
         args = [t.clone().requires_grad_() for t in (y, scale, shift)]
-        out = bn_lrelu(*args, 0.2, backend)
+        out = bn_lrelu(*args, 0.2, b)
         out.backward(grad)
         results.append([out.detach()] + [a.grad for a in args])
     for a, b in zip(results[1], results[0]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    torch.library.opcheck(torch.ops.madfast.bn_lrelu_triton, (y.clone().requires_grad_(), scale, shift, 0.2))
-    torch.library.opcheck(torch.ops.madfast.bn_lrelu_backward_triton, (grad, y, scale, shift, 0.2))
+    forward = torch.ops.madfast.bn_lrelu_triton if backend == "triton" else torch.ops.madfast.bn_lrelu
+    backward = torch.ops.madfast.bn_lrelu_backward_triton if backend == "triton" else torch.ops.madfast.bn_lrelu_backward
+    torch.library.opcheck(forward, (y.clone().requires_grad_(), scale, shift, 0.2))
+    torch.library.opcheck(backward, (grad, y, scale, shift, 0.2))
+
+
+def test_bn_lrelu_bad_input():
+    skip_unless_available("upsample_conv", "cpp", "cpu")
+    y, c = torch.randn(2, 3, 4, 4), torch.ones(3)
+    with pytest.raises(ValueError, match="scale must have shape \\(3,\\)"):
+        torch.ops.madfast.bn_lrelu(y, torch.ones(4), c, 0.2)
+    with pytest.raises(ValueError, match="y must be 4-D"):
+        torch.ops.madfast.bn_lrelu(y[0], c, c, 0.2)
+    with pytest.raises(ValueError, match="grad must have y's shape"):
+        torch.ops.madfast.bn_lrelu_backward(y[:1], y, c, c, 0.2)
+    with pytest.raises(TypeError, match="grad has dtype"):
+        torch.ops.madfast.bn_lrelu_backward(y.double(), y, c, c, 0.2)

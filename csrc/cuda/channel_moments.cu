@@ -63,7 +63,7 @@ __global__ void channel_moments_backward_kernel(const scalar_t* __restrict__ x, 
 }
 
 std::tuple<at::Tensor, at::Tensor> channel_moments_cuda(const at::Tensor& input) {
-  const MomentsView v(input);
+  const ChannelView v(input, "channel_moments", "x");
   const c10::cuda::CUDAGuard guard(v.x.device());
   const auto acc = v.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor mean = at::empty({v.C}, v.x.options().dtype(acc)), var = at::empty({v.C}, v.x.options().dtype(acc));
@@ -79,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> channel_moments_cuda(const at::Tensor& input)
 
 at::Tensor channel_moments_backward_cuda(const at::Tensor& grad_mean, const at::Tensor& grad_var,
                                          const at::Tensor& input, const at::Tensor& mean) {
-  const MomentsView v(input);
+  const ChannelView v(input, "channel_moments", "x");
   check_moments_backward(grad_mean, grad_var, v, mean);
   const c10::cuda::CUDAGuard guard(v.x.device());
   at::Tensor out = at::empty_like(v.x);

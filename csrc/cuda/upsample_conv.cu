@@ -3,18 +3,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "stream_launch.cuh"
 #include "upsample_conv.cuh"
 
 namespace madfast {
 namespace {
-
-struct StreamLaunch {
-  template <typename... Params, typename... Args>
-  void operator()(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) const {
-    kernel<<<grid, block, 0, at::cuda::getCurrentCUDAStream()>>>(args...);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_conv_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                                   bool stats) {

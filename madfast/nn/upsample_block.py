@@ -17,10 +17,11 @@ class UpsampleConvBlock(nn.Sequential):
     """``nn.Sequential(UpsamplingBilinear2d(2), Conv2d(in, out, 3, 1, 1), BatchNorm2d(out), LeakyReLU)``.
 
     A Sequential with the same children, so its state_dict ("1.weight", "2.running_mean", ...)
-    loads into that Sequential and back. With ``backend="triton"`` (or MADFAST_BACKEND=triton)
-    and no conv bias, the block runs the fused kernels of madfast.ops.upsample_conv (no
-    up-sampled tensor in memory, BN sums in the GEMM epilogue) with the same train/eval
-    semantics; "auto" keeps the torch reference until those kernels are measured on a GPU.
+    loads into that Sequential and back. With ``backend="triton"``, ``"cuda"`` or ``"cpp"`` (or
+    MADFAST_BACKEND) and no conv bias, the block runs the fused kernels of
+    madfast.ops.upsample_conv (no up-sampled tensor in memory, BN sums in the GEMM epilogue,
+    normalise + LeakyReLU in one pass) with the same train/eval semantics; "auto" keeps the torch
+    reference until those kernels are measured on a GPU.
     """
 
     def __init__(self, in_channels: int, out_channels: int, scale_factor: int = 2, bias: bool = False,
@@ -50,7 +51,7 @@ class UpsampleConvBlock(nn.Sequential):
             raise ValueError(f"UpsampleConvBlock: x has {x.shape[1]} channels, the block expects "
                              f"in_channels={self.in_channels}")
         chosen = _backend.choose("upsample_conv", self.backend, x.device, auto=AUTO)
-        if chosen == "triton" and self[1].bias is None:
+        if chosen != "torch" and self[1].bias is None:
             return upsample_conv_bn_lrelu(x, self[1], self[2], self.negative_slope, chosen)
         return super().forward(x)
 

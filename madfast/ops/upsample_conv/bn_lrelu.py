@@ -13,19 +13,52 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from madfast import _backend
+from madfast.ops._dtypes import acc_dtype
+
 __all__ = ["bn_lrelu"]
 
 BLOCK = 1024
 MAX_SPLIT = 8  # programs per channel: a long M = N·H·W is split so that few channels still fill a GPU
 
 
+def _like(y):
+    """The kernels' output layout: y's when contiguous or channels_last, else contiguous."""
+    cl = y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    return torch.empty_like(y, memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
 def _fake_fwd(y, scale, shift, negative_slope):
-    return torch.empty_like(y)
+    return _like(y)
 
 
-def _fake_bwd(grad, y, scale, shift, negative_slope):
-    return torch.empty_like(y), scale.new_empty(scale.shape), shift.new_empty(shift.shape)
+def _fake_bwd(grad, y, scale, shift, negative_slope):  # Triton: (C,) gradients in scale's dtype
+    return _like(y), scale.new_empty(scale.shape), shift.new_empty(shift.shape)
 
+
+def _fake_bwd_compiled(grad, y, scale, shift, negative_slope):  # C++/CUDA: in the accumulation dtype
+    acc = acc_dtype(y.dtype)
+    return _like(y), scale.new_empty(scale.shape, dtype=acc), shift.new_empty(shift.shape, dtype=acc)
+
+
+def _setup(backward_op: str):
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1], inputs[2])
+        ctx.negative_slope = inputs[3]
+        ctx.backward_op = backward_op
+    return setup
+
+
+def _backward(ctx, grad):
+    y, scale, shift = ctx.saved_tensors
+    g_y, g_scale, g_shift = getattr(torch.ops.madfast, ctx.backward_op)(grad, y, scale, shift, ctx.negative_slope)
+    return g_y, g_scale.to(scale.dtype), g_shift.to(shift.dtype), None
+
+
+if _backend.has_kernel("bn_lrelu", "CPU") or _backend.has_kernel("bn_lrelu", "CUDA"):
+    torch.library.register_fake("madfast::bn_lrelu")(_fake_fwd)
+    torch.library.register_fake("madfast::bn_lrelu_backward")(_fake_bwd_compiled)
+    torch.library.register_autograd("madfast::bn_lrelu", _backward, setup_context=_setup("bn_lrelu_backward"))
 
 if importlib.util.find_spec("triton") is not None:
     import triton
@@ -93,24 +126,16 @@ if importlib.util.find_spec("triton") is not None:
         g_y, g_scale, g_shift = _launch(y, scale, shift, negative_slope, grad)
         return g_y, g_scale.to(scale.dtype), g_shift.to(shift.dtype)
 
-    def _setup(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0], inputs[1], inputs[2])
-        ctx.negative_slope = inputs[3]
-
-    def _backward(ctx, grad):
-        y, scale, shift = ctx.saved_tensors
-        g_y, g_scale, g_shift = torch.ops.madfast.bn_lrelu_backward_triton(grad, y, scale, shift, ctx.negative_slope)
-        return g_y, g_scale, g_shift, None
-
     _bn_lrelu_triton.register_fake(_fake_fwd)
     _bn_lrelu_backward_triton.register_fake(_fake_bwd)
-    _bn_lrelu_triton.register_autograd(_backward, setup_context=_setup)
+    _bn_lrelu_triton.register_autograd(_backward, setup_context=_setup("bn_lrelu_backward_triton"))
 
 
 def bn_lrelu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, negative_slope: float,
              backend: str) -> torch.Tensor:
     """LeakyReLU(y·scale_c + shift_c) for y (N, C, H, W) and (C,) scale/shift, in y's dtype."""
-    if backend == "triton":
-        return torch.ops.madfast.bn_lrelu_triton(y, scale, shift, float(negative_slope))
-    z = y.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    if backend != "torch":
+        return _backend.compiled_op("bn_lrelu", backend)(y, scale, shift, float(negative_slope))
+    acc = acc_dtype(y.dtype)
+    z = y.to(acc) * scale.to(acc).view(1, -1, 1, 1) + shift.to(acc).view(1, -1, 1, 1)
     return F.leaky_relu(z, negative_slope).to(y.dtype)

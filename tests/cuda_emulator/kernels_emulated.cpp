@@ -1,8 +1,9 @@
-// madfast's CUDA upsample_conv kernels (csrc/cuda/upsample_conv.cuh), host side included, run on
-// CPU tensors through the emulator; built by tests/test_cuda_emulated.py.
+// madfast's CUDA kernels written as .cuh (csrc/cuda/), host side included, run on CPU tensors
+// through the emulator; built by tests/test_cuda_emulated.py.
 #include <torch/extension.h>
 
 #include "cuda_emulator.h"
+#include "cuda/bn_lrelu.cuh"
 #include "cuda/upsample_conv.cuh"
 
 namespace {
@@ -27,9 +28,21 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_y, const at::
                                          EmulatedLaunch{}, sm_count);
 }
 
+at::Tensor bn_lrelu(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, double slope) {
+  return madfast::bn_lrelu::forward_gpu(y, scale, shift, slope, EmulatedLaunch{});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_lrelu_backward(const at::Tensor& grad, const at::Tensor& y,
+                                                                 const at::Tensor& scale, const at::Tensor& shift,
+                                                                 double slope, int64_t sm_count) {
+  return madfast::bn_lrelu::backward_gpu(grad, y, scale, shift, slope, EmulatedLaunch{}, sm_count);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("upsample_conv", &forward, "the CUDA forward, emulated on the CPU");
   m.def("upsample_conv_backward", &backward, "the CUDA backward, emulated on the CPU");
+  m.def("bn_lrelu", &bn_lrelu, "the CUDA bn_lrelu, emulated on the CPU");
+  m.def("bn_lrelu_backward", &bn_lrelu_backward, "the CUDA bn_lrelu backward, emulated on the CPU");
 }
