@@ -7,6 +7,10 @@ of input pixels. "cuda" and "cpp" (``madfast::upsample_conv``, csrc/): the same 
 computations, tiled SIMT GEMMs on the GPU and row-at-a-time loops on the CPU, sharing their
 per-element math (csrc/upsample_conv.h). Every backward folds the gradients of the BatchNorm sums
 into grad_y as it reads it. None is measured on a GPU yet, so "auto" keeps the torch reference.
+
+Measured (2-core CPU, torch 2.14.1, fp32, train-mode block fwd+bwd, 2026-11-25): "cpp" runs at
+0.05–0.11× eager (oneDNN's convolution on the materialised upsample), so on CPUs the reference
+stays; the GPU comparison against cuDNN, which decides "auto" there, is still to be made.
 """
 
 from __future__ import annotations
