@@ -4,16 +4,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
-
 #include <ATen/OpMathType.h>
 
 #include "channel_view.h"
-
-#ifdef __CUDACC__
-#define MADFAST_HD __host__ __device__ __forceinline__
-#else
-#define MADFAST_HD inline
-#endif
+#include "host_device.h"
 
 namespace madfast {
 namespace bn_lrelu {

@@ -9,11 +9,7 @@
 #include <cstdint>
 #include <optional>
 
-#ifdef __CUDACC__
-#define MADFAST_HD __host__ __device__ __forceinline__
-#else
-#define MADFAST_HD inline
-#endif
+#include "host_device.h"
 
 namespace madfast {
 namespace upsample {

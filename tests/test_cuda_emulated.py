@@ -1,8 +1,8 @@
-"""The CUDA kernels of the generator block (csrc/cuda/upsample_conv.cuh and bn_lrelu.cuh, host
-side included) run on the CPU through a CUDA execution-model emulator (tests/cuda_emulator/) and
-are checked against the torch reference: multi-block grids in every dimension, edge tiles,
-channels_last, the splits of reductions over blocks, the folded BatchNorm gradients. Needs no
-GPU; on a GPU the real kernels are checked by test_upsample_conv.py as well."""
+"""Every CUDA kernel of madfast (csrc/cuda/*.cuh, host side included) run on the CPU through a
+CUDA execution-model emulator (tests/cuda_emulator/) and checked against the torch reference or the
+C++ CPU kernels: multi-block grids in every dimension, edge tiles, channels_last and strided
+inputs, reductions split over blocks, warps that return early, the folded BatchNorm gradients.
+Needs no GPU (and checks no speed); on a GPU the real kernels run in the other test files too."""
 
 import os
 import sys
@@ -109,3 +109,69 @@ def test_emulated_bn_lrelu(emulated, shape, sm_count, layout, dtype):
     torch.testing.assert_close(out.double(), expected.detach(), atol=tol * 4, rtol=tol)
     for ours, theirs in zip(emulated.bn_lrelu_backward(grad, y, scale, shift, 0.2, sm_count), expected_grads):
         assert rel_err(ours, theirs) <= tol, rel_err(ours, theirs)
+
+
+# The CUDA kernels of the other ops, emulated, against their C++ CPU kernels (themselves tested
+# against the torch references in test_losses.py / test_ema_op.py).
+
+def close(ours, theirs, dtype):
+    tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    assert rel_err(ours, theirs) <= tol, rel_err(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (9, 33), (3, 1000)], ids=lambda s: "x".join(map(str, s)))
+def test_emulated_logit_losses(emulated, shape, dtype):
+    """One warp per row, eight rows per block: 9 rows leave a block with seven warps that return at
+    once; C = 1000 takes many steps of the online softmax per lane."""
+    g = torch.Generator().manual_seed(4)
+    s, t = (torch.randn(shape, generator=g) * 3).to(dtype), (torch.randn(shape, generator=g) * 3).to(dtype)
+    for tau in (1.0, 4.0):
+        for ours, theirs in zip(emulated.kl_div_fwd(s, t, tau, True, True),
+                                torch.ops.madfast.kl_div_fwd(s, t, tau, True, True)):
+            close(ours, theirs, dtype)
+    for ours, theirs in zip(emulated.l1_fwd(s, t, True), torch.ops.madfast.l1_fwd(s, t, True)):
+        close(ours, theirs, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 70, 1, 1), (4, 2, 33, 31)], ids=lambda s: "x".join(map(str, s)))
+def test_emulated_channel_moments(emulated, shape, layout, dtype):
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(shape, generator=g) + 3).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = x.transpose(2, 3).contiguous().transpose(2, 3)
+    moments = emulated.channel_moments(x)
+    for ours, theirs in zip(moments, torch.ops.madfast.channel_moments(x)):
+        close(ours, theirs, dtype)
+    gm, gv = torch.randn(shape[1], generator=g).to(moments[0].dtype), torch.randn(shape[1], generator=g).to(moments[0].dtype)
+    close(emulated.channel_moments_backward(gm, gv, x, moments[0]),
+          torch.ops.madfast.channel_moments_backward(gm, gv, x, moments[0]).contiguous(
+              memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format), dtype)
+
+
+def test_emulated_ema_update(emulated):
+    """Every (EMA dtype, tensor dtype) group, full and partial 4096-element chunks, tensors shorter
+    than a vector, a view that is not 16-byte aligned (the scalar path), an integer buffer."""
+    g = torch.Generator().manual_seed(6)
+    pairs = []
+    for ema_dtype, dtype in [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                             (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                             (torch.float64, torch.float64)]:
+        for n in (1, 3, 4096, 2 * 4096 + 5, 300):
+            pairs.append((torch.randn(n, generator=g).to(ema_dtype), torch.randn(n, generator=g).to(dtype)))
+    pairs.append((torch.randn(9001, generator=g)[1:], torch.randn(9001, generator=g)[1:]))  # offset by 4 bytes
+    pairs.append((torch.randn(5, 7, generator=g).t(), torch.randn(7, 5, generator=g)))  # a transposed view
+    pairs.append((torch.zeros(4, dtype=torch.long), torch.arange(4)))
+    ours = [(e.clone(), p) for e, p in pairs]
+    theirs = [(e.clone(), p) for e, p in pairs]
+    decay = torch.tensor(0.9)
+    emulated.ema_update_([e for e, _ in ours], [p for _, p in ours], decay)
+    torch.ops.madfast.ema_update_([e for e, _ in theirs], [p for _, p in theirs], decay)
+    for (a, _), (b, _), (before, _) in zip(ours, theirs, pairs):
+        assert not torch.equal(a, before) or torch.equal(b, before)
+        torch.testing.assert_close(a, b)  # the CPU kernel rounds its lerp differently near 0

@@ -11,7 +11,7 @@ from conftest import COMPILED_BACKENDS, skip_unless_available
 from madfast.models import Generator
 from madfast.nn import UpsampleConvBlock
 
-SIZES = [(1, 3, 3, 1), (33, 3, 17, 4), (2, 17, 64, 7), (1, 64, 3, 8), (33, 17, 3, 1)]  # (N, Cin, Cout, H=W)
+SIZES = [(1, 3, 3, 1), (33, 3, 17, 4), (2, 17, 64, 7), (1, 64, 3, 8), (33, 17, 3, 1), (2, 128, 128, 4)]  # N, Cin, Cout, H=W
 
 
 def sequential(cin, cout):

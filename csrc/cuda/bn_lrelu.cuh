@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "../bn_lrelu.h"
+#include "block_reduce.cuh"
 
 namespace madfast {
 namespace bn_lrelu {
@@ -36,7 +37,6 @@ __global__ void __launch_bounds__(kThreads)
                     int64_t HW, int64_t sN, int64_t sC, int64_t sHW, const acc_t* __restrict__ scale,
                     const acc_t* __restrict__ shift, acc_t slope, acc_t* __restrict__ grad_scale,
                     acc_t* __restrict__ grad_shift, int64_t chunk) {
-  __shared__ acc_t r1[kThreads], r2[kThreads];
   const int64_t c = blockIdx.x, M = N * HW, lo = int64_t(blockIdx.y) * chunk, hi = lo + chunk < M ? lo + chunk : M;
   const acc_t sc = scale[c], sh = shift[c];
   acc_t s1 = 0, s2 = 0;
@@ -48,19 +48,10 @@ __global__ void __launch_bounds__(kThreads)
     s1 += gz * yv;
     s2 += gz;
   }
-  r1[threadIdx.x] = s1;
-  r2[threadIdx.x] = s2;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) {
-      r1[threadIdx.x] += r1[threadIdx.x + stride];
-      r2[threadIdx.x] += r2[threadIdx.x + stride];
-    }
-    __syncthreads();
-  }
+  block_sum2<kThreads>(s1, s2);
   if (threadIdx.x == 0) {
-    atomicAdd(&grad_scale[c], r1[0]);
-    atomicAdd(&grad_shift[c], r2[0]);
+    atomicAdd(&grad_scale[c], s1);
+    atomicAdd(&grad_shift[c], s2);
   }
 }
 

@@ -1,13 +1,16 @@
-// A CPU emulator of the CUDA execution model, enough to run madfast's SIMT kernels in tests on a
-// machine without a GPU: each block's threads are fibers (ucontext) on one OS thread, switched at
-// __syncthreads(); blocks run one after another. __shared__ variables are static, so the threads
-// of a block share them; atomics are plain adds (nothing runs concurrently). It checks indexing,
-// tiling, bounds and barrier placement -- not timing, occupancy or the memory model.
+// A CPU emulator of the CUDA execution model, enough to run madfast's kernels in tests on a machine
+// without a GPU: each block's threads are fibers (ucontext) on one OS thread, switched at
+// __syncthreads() and at warp shuffles; blocks run one after another. __shared__ variables are
+// static, so the threads of a block share them; atomics are plain adds (nothing runs concurrently).
+// A thread that has returned no longer takes part, as on sm_70+. It checks indexing, tiling,
+// bounds and barrier placement -- not timing, occupancy or the memory model.
 #pragma once
 
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <stdexcept>
@@ -35,7 +38,8 @@ struct Scheduler {
   std::vector<ucontext_t> threads;
   std::vector<std::unique_ptr<char[]>> stacks;
   std::vector<bool> done;
-  std::vector<int> barriers;  // __syncthreads() calls per thread: all must agree
+  std::vector<int> barriers;  // sync points reached per thread: all threads still running must agree
+  std::vector<uint64_t> lanes;  // each thread's value published for a warp shuffle
   int current = 0;
   const std::function<void()>* body = nullptr;
 
@@ -55,6 +59,7 @@ struct Scheduler {
     threads.assign(n, ucontext_t{});
     done.assign(n, false);
     barriers.assign(n, 0);
+    lanes.assign(n, 0);
     while (static_cast<int>(stacks.size()) < n) stacks.emplace_back(new char[kStack]);
     for (int t = 0; t < n; ++t) {
       getcontext(&threads[t]);
@@ -72,9 +77,13 @@ struct Scheduler {
         swapcontext(&main, &threads[t]);
         all_done = all_done && done[t];
       }
-      for (int t = 1; t < n; ++t)  // every thread waits at the same barrier, or all have returned
-        if (barriers[t] != barriers[0] || done[t] != done[0])
-          throw std::runtime_error("cuda_emulator: the threads of a block diverged at __syncthreads()");
+      int at = -1;  // every thread still running waits at the same sync point
+      for (int t = 0; t < n; ++t) {
+        if (done[t]) continue;
+        if (at >= 0 && barriers[t] != at)
+          throw std::runtime_error("cuda_emulator: the threads of a block diverged at a sync point");
+        at = barriers[t];
+      }
     }
   }
 
@@ -98,6 +107,21 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
       }
 }
 
+// __shfl_xor_sync: the lanes of a warp swap values; every thread of the block syncs twice (the
+// kernels shuffle in whole warps, uniformly across the block's running threads).
+template <typename T>
+T shfl_xor(T value, int lane_mask) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "a shuffled value fits 8 bytes");
+  Scheduler& s = Scheduler::get();
+  const int me = s.current, partner = (me & ~31) | ((me & 31) ^ lane_mask);
+  std::memcpy(&s.lanes[me], &value, sizeof(T));
+  s.sync();  // every lane has published
+  T out;
+  std::memcpy(&out, &s.lanes[partner], sizeof(T));
+  s.sync();  // every lane has read before the next shuffle overwrites
+  return out;
+}
+
 }  // namespace cuda_emulator
 
 #define threadIdx (::cuda_emulator::thread_idx)
@@ -106,6 +130,14 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
 #define gridDim (::cuda_emulator::grid_dim)
 
 inline void __syncthreads() { cuda_emulator::Scheduler::get().sync(); }
+
+template <typename T>
+T __shfl_xor_sync(unsigned /*mask: whole warps here*/, T value, int lane_mask) {
+  return cuda_emulator::shfl_xor(value, lane_mask);
+}
+
+using std::max;
+using std::min;
 
 template <typename T>
 T atomicAdd(T* address, T value) {

@@ -1,9 +1,13 @@
-// madfast's CUDA kernels written as .cuh (csrc/cuda/), host side included, run on CPU tensors
-// through the emulator; built by tests/test_cuda_emulated.py.
+// madfast's CUDA kernels (csrc/cuda/*.cuh), host side included, run on CPU tensors through the
+// emulator; built by tests/test_cuda_emulated.py. Each function is the CUDA op of the same name.
 #include <torch/extension.h>
 
 #include "cuda_emulator.h"
+// after the emulator, which defines the CUDA keywords they use
 #include "cuda/bn_lrelu.cuh"
+#include "cuda/channel_moments.cuh"
+#include "cuda/ema.cuh"
+#include "cuda/logit_losses.cuh"
 #include "cuda/upsample_conv.cuh"
 
 namespace {
@@ -15,34 +19,42 @@ struct EmulatedLaunch {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight, bool stats) {
-  return madfast::upsample::forward_gpu(x, weight, stats, EmulatedLaunch{});
-}
-
-std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
-                                            const std::optional<at::Tensor>& y,
-                                            const std::optional<at::Tensor>& grad_sum,
-                                            const std::optional<at::Tensor>& grad_sumsq, bool grad_input,
-                                            bool grad_weight, int64_t sm_count) {
-  return madfast::upsample::backward_gpu(grad_y, x, weight, y, grad_sum, grad_sumsq, grad_input, grad_weight,
-                                         EmulatedLaunch{}, sm_count);
-}
-
-at::Tensor bn_lrelu(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, double slope) {
-  return madfast::bn_lrelu::forward_gpu(y, scale, shift, slope, EmulatedLaunch{});
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_lrelu_backward(const at::Tensor& grad, const at::Tensor& y,
-                                                                 const at::Tensor& scale, const at::Tensor& shift,
-                                                                 double slope, int64_t sm_count) {
-  return madfast::bn_lrelu::backward_gpu(grad, y, scale, shift, slope, EmulatedLaunch{}, sm_count);
-}
+using Optional = std::optional<at::Tensor>;
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("upsample_conv", &forward, "the CUDA forward, emulated on the CPU");
-  m.def("upsample_conv_backward", &backward, "the CUDA backward, emulated on the CPU");
-  m.def("bn_lrelu", &bn_lrelu, "the CUDA bn_lrelu, emulated on the CPU");
-  m.def("bn_lrelu_backward", &bn_lrelu_backward, "the CUDA bn_lrelu backward, emulated on the CPU");
+  namespace mf = madfast;
+  const EmulatedLaunch launch;
+  m.def("upsample_conv", [=](const at::Tensor& x, const at::Tensor& w, bool stats) {
+    return mf::upsample::forward_gpu(x, w, stats, launch);
+  });
+  // sm_count: the multiprocessors the reductions split for (small: few blocks; large: many)
+  m.def("upsample_conv_backward", [=](const at::Tensor& gy, const at::Tensor& x, const at::Tensor& w,
+                                      const Optional& y, const Optional& gs, const Optional& gss, bool gi, bool gw,
+                                      int64_t sm_count) {
+    return mf::upsample::backward_gpu(gy, x, w, y, gs, gss, gi, gw, launch, sm_count);
+  });
+  m.def("bn_lrelu", [=](const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, double slope) {
+    return mf::bn_lrelu::forward_gpu(y, scale, shift, slope, launch);
+  });
+  m.def("bn_lrelu_backward", [=](const at::Tensor& g, const at::Tensor& y, const at::Tensor& scale,
+                                 const at::Tensor& shift, double slope, int64_t sm_count) {
+    return mf::bn_lrelu::backward_gpu(g, y, scale, shift, slope, launch, sm_count);
+  });
+  m.def("channel_moments", [=](const at::Tensor& x) { return mf::moments::forward_gpu(x, launch); });
+  m.def("channel_moments_backward", [=](const at::Tensor& gm, const at::Tensor& gv, const at::Tensor& x,
+                                        const at::Tensor& mean) {
+    return mf::moments::backward_gpu(gm, gv, x, mean, launch);
+  });
+  m.def("ema_update_", [=](std::vector<at::Tensor> ema, std::vector<at::Tensor> params, const at::Tensor& decay) {
+    mf::check_ema_args(ema, params, decay);
+    if (!ema.empty()) mf::ema_kernels::update_gpu(ema, params, decay, launch);
+  });
+  m.def("kl_div_fwd", [=](const at::Tensor& s, const at::Tensor& t, double tau, bool gs, bool gt) {
+    return mf::logit_kernels::kl_div_fwd_gpu(s, t, tau, gs, gt, launch);
+  });
+  m.def("l1_fwd", [=](const at::Tensor& s, const at::Tensor& t, bool gs) {
+    return mf::logit_kernels::l1_fwd_gpu(s, t, gs, launch);
+  });
 }
