@@ -1,5 +1,6 @@
-// The CUDA kernels of madfast::upsample_conv and its backward, and their host side: conv3x3 of a bilinear x2 upsample
-// without the up-sampled tensor. Three SIMT implicit GEMMs (fp32 FMA, fp64 for fp64; operands of
+// The CUDA kernels of madfast::upsample_conv and its backward, and their host side (`launch` is
+// supplied by the includer: csrc/cuda/upsample_conv.cu, or the CPU emulator in tests/cuda_emulator):
+// conv3x3 of a bilinear x2 upsample without the up-sampled tensor. Three SIMT implicit GEMMs (fp32 FMA, fp64 for fp64; operands of
 // every dtype are widened as they are loaded), each a 64 x 64 output tile per block of 256 threads,
 // 4 x 4 per thread, stepping through the reduction 16 at a time in shared memory:
 //   forward      y[m, co]  = Sum_k A[m, k] w[k, co], A gathered from x by upsample::upsampled;

@@ -27,6 +27,16 @@ from madfast.ops.upsample_conv.reference import torch_upsample_conv
 __all__ = ["upsample_conv"]
 
 
+def _check(x, weight) -> None:
+    op = "upsample_conv"
+    check_floating(op, "x", x, ndim=4)
+    check_floating(op, "weight", weight, ndim=4)
+    check_same(op, "weight", weight, "x", x, shape=False)
+    if tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
+        raise ValueError(f"{op}: weight must have shape (Cout, {x.shape[1]}, 3, 3) for x with {x.shape[1]} "
+                         f"channels, got {tuple(weight.shape)}")
+
+
 def _check_backward(grad_y, x, weight, y, grad_sum, grad_sumsq) -> None:
     """The backward op's own checks (the C++ op makes the same ones in csrc/upsample_conv.h)."""
     op = "upsample_conv_backward"
@@ -45,16 +55,6 @@ def _check_backward(grad_y, x, weight, y, grad_sum, grad_sumsq) -> None:
         if y is None:
             raise ValueError(f"{op}: y (the forward's output) must be given when grad_sumsq is")
         check_same(op, "y", y, "grad_y", grad_y)
-
-
-def _check(x, weight) -> None:
-    op = "upsample_conv"
-    check_floating(op, "x", x, ndim=4)
-    check_floating(op, "weight", weight, ndim=4)
-    check_same(op, "weight", weight, "x", x, shape=False)
-    if tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
-        raise ValueError(f"{op}: weight must have shape (Cout, {x.shape[1]}, 3, 3) for x with {x.shape[1]} "
-                         f"channels, got {tuple(weight.shape)}")
 
 
 def _fake(x, weight, stats):
