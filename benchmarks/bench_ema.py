@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from madfast import _backend
 from madfast.ops import ema_update_
 
 DECAY = 0.999
@@ -50,16 +49,9 @@ def make_update(provider: str, ema: list[torch.Tensor], cur: list[torch.Tensor])
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("workload", list(WORKLOADS))
 def test_ema_update(benchmark, device, request, workload, provider):
-    from conftest import timed
+    from conftest import madfast_backend, timed
 
-    if provider.startswith("madfast_"):
-        backend = provider.removeprefix("madfast_")
-        try:
-            _backend.choose("ema_update_", backend, device)
-        except _backend.BackendUnavailableError as e:
-            pytest.skip(str(e))
-        if backend == "triton" and device.type == "cpu" and not request.config.getoption("--bench-triton-cpu"):
-            pytest.skip("Triton on CPU is the interpreter; pass --bench-triton-cpu to time it anyway")
+    madfast_backend(provider, "ema_update_", device, request)  # skips what cannot run here
     shapes = WORKLOADS[workload]()
     g = torch.Generator().manual_seed(0)
     ema = [torch.randn(s, generator=g).to(device) for s in shapes]

@@ -13,7 +13,6 @@ import os
 import pytest
 import torch
 
-from madfast import _backend
 from madfast.models import Generator
 from madfast.nn import UpsampleConvBlock
 
@@ -23,19 +22,8 @@ BLOCKS = [(256, 128, 128, 8), (256, 128, 64, 16), (64, 128, 128, 7), (64, 128, 6
 GENERATORS = [(256, 32), (64, 224)]  # (batch, img_size)
 
 
-def backend_of(provider: str) -> str:
-    return provider.removeprefix("madfast_") if provider.startswith("madfast_") else "torch"
-
-
-def build(provider: str, module_fn, device: torch.device, request):
-    backend = backend_of(provider)
-    if backend != "torch":
-        try:
-            _backend.choose("upsample_conv", backend, device)
-        except _backend.BackendUnavailableError as e:
-            pytest.skip(str(e))
-        if backend == "triton" and device.type == "cpu" and not request.config.getoption("--bench-triton-cpu"):
-            pytest.skip("Triton on CPU is the interpreter; pass --bench-triton-cpu to time it anyway")
+def build(provider: str, backend: str, module_fn, device: torch.device):
+    """module_fn(backend) on device in train mode, compiled for the "compiled" provider."""
     module = module_fn(backend).to(device).train()
     return torch.compile(module) if provider == "compiled" else module
 
@@ -62,12 +50,12 @@ def peak_memory(device: torch.device, fn) -> int | None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", BLOCKS, ids=lambda s: "x".join(map(str, s)))
 def test_block(benchmark, device, request, shape, dtype, mode, provider):
-    from conftest import timed
+    from conftest import madfast_backend, timed
 
     n, cin, cout, hw = shape
     n = max(1, n // SCALE)
-    block = build(provider, lambda backend: UpsampleConvBlock(cin, cout, backend=backend).to(dtype=dtype), device,
-                  request)
+    backend = madfast_backend(provider, "upsample_conv", device, request)
+    block = build(provider, backend, lambda b: UpsampleConvBlock(cin, cout, backend=b).to(dtype=dtype), device)
     x = torch.randn(n, cin, hw, hw, device=device, dtype=dtype, requires_grad=mode == "fwd_bwd")
     fn = run_step(block, (x,), mode == "fwd_bwd")
     benchmark.group = f"block {mode} {n}x{cin}->{cout} {hw}->{2 * hw}px {str(dtype)[6:]} {device.type}"
@@ -80,13 +68,14 @@ def test_block(benchmark, device, request, shape, dtype, mode, provider):
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("config", GENERATORS, ids=lambda c: f"b{c[0]}_{c[1]}px")
 def test_generator(benchmark, device, request, monkeypatch, config, mode, provider):
-    from conftest import timed
+    from conftest import madfast_backend, timed
 
     batch, img = config
     batch = max(1, batch // SCALE)
+    backend = madfast_backend(provider, "upsample_conv", device, request)
     # The Generator's blocks use backend "auto"; MADFAST_BACKEND picks the path for this run.
-    monkeypatch.setenv("MADFAST_BACKEND", backend_of(provider))
-    gen = build(provider, lambda backend: Generator(nz=256, num_classes=10, img_size=img), device, request)
+    monkeypatch.setenv("MADFAST_BACKEND", backend)
+    gen = build(provider, backend, lambda _: Generator(nz=256, num_classes=10, img_size=img), device)
     z = torch.randn(batch, 256, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     fn = run_step(gen, (z, y), mode == "fwd_bwd")

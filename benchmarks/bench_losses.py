@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from madfast import _backend
 from madfast.ops import adversarial_loss, bn_stat_loss, kl_div
 
 SCALE = int(os.environ.get("MADFAST_BENCH_SCALE", "1"))
@@ -55,14 +54,9 @@ def loss_fn(loss: str, provider: str, device: torch.device, request):
         return EAGER[loss]
     if provider == "compiled":
         return torch.compile(EAGER[loss])
-    backend = provider.removeprefix("madfast_")
-    try:
-        _backend.choose(OP[loss], backend, device)
-    except _backend.BackendUnavailableError as e:
-        pytest.skip(str(e))
-    if backend == "triton" and device.type == "cpu" and not request.config.getoption("--bench-triton-cpu"):
-        pytest.skip("Triton on CPU is the interpreter; pass --bench-triton-cpu to time it anyway")
-    return FUSED[loss](backend)
+    from conftest import madfast_backend
+
+    return FUSED[loss](madfast_backend(provider, OP[loss], device, request))
 
 
 def step(fn, inputs, backward: bool):

@@ -29,6 +29,24 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def madfast_backend(provider: str, op: str, device: torch.device, request) -> str:
+    """The backend a "madfast_<backend>" provider names ("torch" for the others). Skips the benchmark
+    when that backend cannot run ``op`` on ``device``, or would be the Triton CPU interpreter (unless
+    --bench-triton-cpu)."""
+    from madfast import _backend  # after TRITON_INTERPRET is set above
+
+    if not provider.startswith("madfast_"):
+        return "torch"
+    backend = provider.removeprefix("madfast_")
+    try:
+        _backend.choose(op, backend, device)
+    except _backend.BackendUnavailableError as e:
+        pytest.skip(str(e))
+    if backend == "triton" and device.type == "cpu" and not request.config.getoption("--bench-triton-cpu"):
+        pytest.skip("Triton on CPU is the interpreter; pass --bench-triton-cpu to time it anyway")
+    return backend
+
+
 def timed(benchmark, fn, device: torch.device, *, bytes_moved: int, provider: str, baseline: str):
     """Times fn() (synchronised), and records GB/s and what the ratios are taken against."""
     fn()  # warm-up: compilation, autotuning, allocator

@@ -35,3 +35,19 @@ def skip_unless_available(op: str, backend: str, device: str) -> None:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+# flash-attention's tolerance rule: a kernel's error against an fp64 reference is at most `factor`
+# (2 forward, 3 gradients) times PyTorch's own error in the same dtype, with a floor per dtype.
+FLOORS = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-30)).item()
+
+
+def assert_within(actual, expected, torch_same_dtype, dtype, factor, what):
+    bound = max(factor * rel_err(torch_same_dtype, expected), FLOORS[dtype])
+    err = rel_err(actual, expected)
+    assert err <= bound, f"{what}: relative error {err:.3g} > {bound:.3g} (torch in {dtype}: " \
+                         f"{rel_err(torch_same_dtype, expected):.3g})"

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from conftest import rel_err
 from madfast.ops.upsample_conv import torch_upsample_conv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,10 +33,6 @@ def reference(x, w, gy, gs, gss):
     s, ss = y.sum((0, 2, 3)), y.square().sum((0, 2, 3))
     gx, gw = torch.autograd.grad((y * gy.double()).sum() + (s * gs.double()).sum() + (ss * gss.double()).sum(), (x, w))
     return [t.detach() for t in (y, s, ss)] + [gx, gw]
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
 # (N, Cin, Cout, H, W, sm_count): grids of several blocks along pixels (forward M > 64), channels

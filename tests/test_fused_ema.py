@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DEVICES, backends_for, skip_unless_available
+from conftest import DEVICES
 from madfast import FusedEMA, ema_multi_avg_fn
 
 

@@ -9,25 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICES, backends_for, skip_unless_available
+from conftest import DEVICES, assert_within, backends_for, skip_unless_available
 from madfast.ops import adversarial_loss, bn_stat_loss, kl_div
 from madfast.ops.kl import torch_kl_div
 
-FLOORS = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 2), (7, 10), (256, 100), (256, 1000), (41, 21843)]
 CASES = [(d, b) for d in DEVICES for b in backends_for(d)]
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-30)).item()
-
-
-def assert_within(actual, expected, torch_same_dtype, dtype, factor, what):
-    bound = max(factor * rel_err(torch_same_dtype, expected), FLOORS[dtype])
-    err = rel_err(actual, expected)
-    assert err <= bound, f"{what}: relative error {err:.3g} > {bound:.3g} (torch in {dtype}: " \
-                         f"{rel_err(torch_same_dtype, expected):.3g})"
 
 
 def eager_kl(s, t, tau, reduction="batchmean"):

@@ -5,18 +5,13 @@ import pytest
 import torch
 
 from conftest import COMPILED_BACKENDS as BACKENDS
-from conftest import skip_unless_available
+from conftest import assert_within, skip_unless_available
 from madfast.ops.upsample_conv import torch_upsample_conv, upsample_conv
 
-FLOORS = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 CASES = [  # (N, Cin, Cout, H, W): 1×1→2×2, 4×4→8×8, 7×7→14×14, 8×8→16×16; odd channel counts
     (1, 3, 3, 1, 1), (33, 3, 17, 1, 1), (2, 17, 3, 4, 4), (1, 64, 17, 7, 7), (33, 3, 5, 4, 4), (2, 17, 64, 8, 8),
     (1, 128, 128, 4, 4),
 ]
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
 def run(fn, x, w):
@@ -52,8 +47,7 @@ def test_matches_reference(device, backend, case, channels_last, dtype):
     if channels_last and H * W > 1:
         assert ours[0].is_contiguous(memory_format=torch.channels_last)
     for i, (what, factor) in enumerate([("y", 2), ("sum", 2), ("sum of squares", 2), ("grad x", 3), ("grad w", 3)]):
-        bound = max(factor * rel_err(same[i], ref[i]), FLOORS[dtype])
-        assert rel_err(ours[i], ref[i]) <= bound, f"{what}: {rel_err(ours[i], ref[i]):.3g} > {bound:.3g}"
+        assert_within(ours[i], ref[i], same[i], dtype, factor, what)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
