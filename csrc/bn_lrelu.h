@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
+#include "acc_type.h"
 #include "channel_view.h"
 #include "host_device.h"
 
@@ -32,7 +33,7 @@ struct Args {
 
   Args(const char* op, const at::Tensor& y_in, const at::Tensor& scale_in, const at::Tensor& shift_in)
       : y(y_in, op, "y") {
-    const auto acc = y.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const auto acc = acc_type(y.x.scalar_type());
     for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"scale", &scale_in}, {"shift", &shift_in}}) {
       TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == y.C, op, ": ", name, " must have shape (", y.C, ",), got ",
                         t->sizes());

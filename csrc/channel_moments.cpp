@@ -13,7 +13,7 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> channel_moments_cpu(const at::Tensor& input) {
   const ChannelView v(input, "channel_moments", "x");
-  const auto acc = v.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(v.x.scalar_type());
   at::Tensor mean = at::empty({v.C}, v.x.options().dtype(acc)), var = at::empty({v.C}, v.x.options().dtype(acc));
   const int64_t M = v.N * v.HW;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "channel_moments_cpu", [&] {

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include "acc_type.h"
 #include "channel_view.h"
 
 namespace madfast {

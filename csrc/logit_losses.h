@@ -5,6 +5,8 @@
 
 #include <tuple>
 
+#include "acc_type.h"
+
 namespace madfast {
 
 inline void check_logits(const at::Tensor& s, const at::Tensor& t, const char* op) {
@@ -23,7 +25,7 @@ inline at::Tensor rows_unit_stride(const at::Tensor& x) {
 }
 
 inline at::ScalarType loss_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return acc_type(x.scalar_type());
 }
 
 inline at::Tensor grad_or_empty(const at::Tensor& x, bool wanted) {

@@ -91,12 +91,8 @@ void forward_cpu(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, a
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_conv_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                                  bool stats) {
-  upsample::check_forward(x, weight);
-  const int64_t Cout = weight.size(0);
-  at::Tensor y = at::empty({x.size(0), Cout, 2 * x.size(2), 2 * x.size(3)},
-                           x.options().memory_format(upsample::layout_of(x)));
-  const auto sum_options = x.options().dtype(upsample::acc_type(x.scalar_type()));
-  at::Tensor total = at::zeros({stats ? Cout : 0}, sum_options), total_sq = at::zeros({stats ? Cout : 0}, sum_options);
+  at::Tensor y, total, total_sq;  // named, not structured bindings: the dispatch lambda captures them
+  std::tie(y, total, total_sq) = upsample::forward_outputs(x, weight, stats);
   if (y.numel()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upsample_conv_cpu",
                                     [&] { forward_cpu<scalar_t>(x, weight, y, total, total_sq); });

@@ -8,7 +8,9 @@
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
 
+#include "acc_type.h"
 #include "host_device.h"
 
 namespace madfast {
@@ -97,12 +99,21 @@ inline void check_forward(const at::Tensor& x, const at::Tensor& weight) {
                     x.device());
 }
 
-// Sums and accumulators: fp32, fp64 for fp64 (as madfast.ops._dtypes.acc_dtype).
-inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 inline at::MemoryFormat layout_of(const at::Tensor& x) {
   return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous() ? at::MemoryFormat::ChannelsLast
                                                                                 : at::MemoryFormat::Contiguous;
+}
+
+// The forward's outputs, allocated for the kernels to fill (after checking x and weight):
+// y (N, Cout, 2H, 2W) in x's dtype and layout, and the zeroed Sum y, Sum y^2 ((Cout,), or empty
+// unless stats) in the accumulation dtype.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_outputs(const at::Tensor& x, const at::Tensor& weight,
+                                                                      bool stats) {
+  check_forward(x, weight);
+  const int64_t Cout = weight.size(0);
+  at::Tensor y = at::empty({x.size(0), Cout, 2 * x.size(2), 2 * x.size(3)}, x.options().memory_format(layout_of(x)));
+  const auto sum_options = x.options().dtype(acc_type(x.scalar_type()));
+  return {y, at::zeros({stats ? Cout : 0}, sum_options), at::zeros({stats ? Cout : 0}, sum_options)};
 }
 
 template <typename acc_t>

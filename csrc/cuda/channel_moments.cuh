@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor> forward_gpu(const at::Tensor& input, const Launch& launch) {
   const ChannelView v(input, "channel_moments", "x");
-  const auto acc = v.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(v.x.scalar_type());
   at::Tensor mean = at::empty({v.C}, v.x.options().dtype(acc)), var = at::empty({v.C}, v.x.options().dtype(acc));
   if (v.C == 0) return {mean, var};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "channel_moments_cuda", [&] {
@@ -76,7 +76,7 @@ at::Tensor backward_gpu(const at::Tensor& grad_mean, const at::Tensor& grad_var,
   at::Tensor out = at::empty_like(v.x);
   const int64_t numel = v.x.numel();
   if (numel == 0) return out;
-  const auto acc = v.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(v.x.scalar_type());
   const at::Tensor gm = grad_mean.to(acc).contiguous(), gv = grad_var.to(acc).contiguous(),
                    mu = mean.to(acc).contiguous();
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((numel + kThreads - 1) / kThreads, 65535));

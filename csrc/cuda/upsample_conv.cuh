@@ -112,12 +112,9 @@ __global__ void __launch_bounds__(kThreads)
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_gpu(const at::Tensor& x, const at::Tensor& weight, bool stats,
                                                            const Launch& launch) {
-  check_forward(x, weight);
+  at::Tensor y, total, total_sq;  // named, not structured bindings: the dispatch lambda captures them
+  std::tie(y, total, total_sq) = forward_outputs(x, weight, stats);
   const int64_t Cout = weight.size(0), K = x.size(1) * 9;
-  at::Tensor y = at::empty({x.size(0), Cout, 2 * x.size(2), 2 * x.size(3)},
-                           x.options().memory_format(layout_of(x)));
-  const auto sum_options = x.options().dtype(acc_type(x.scalar_type()));
-  at::Tensor total = at::zeros({stats ? Cout : 0}, sum_options), total_sq = at::zeros({stats ? Cout : 0}, sum_options);
   if (y.numel() == 0) return {y, total, total_sq};
   const at::Tensor wt = weight.reshape({Cout, K}).t().to(acc_type(x.scalar_type())).contiguous();
   const dim3 grid(static_cast<unsigned>((y.numel() / Cout + kTile - 1) / kTile),

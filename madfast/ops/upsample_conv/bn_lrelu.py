@@ -32,11 +32,7 @@ def _fake_fwd(y, scale, shift, negative_slope):
     return _like(y)
 
 
-def _fake_bwd(grad, y, scale, shift, negative_slope):  # Triton: (C,) gradients in scale's dtype
-    return _like(y), scale.new_empty(scale.shape), shift.new_empty(shift.shape)
-
-
-def _fake_bwd_compiled(grad, y, scale, shift, negative_slope):  # C++/CUDA: in the accumulation dtype
+def _fake_bwd(grad, y, scale, shift, negative_slope):  # the (C,) gradients in the accumulation dtype
     acc = acc_dtype(y.dtype)
     return _like(y), scale.new_empty(scale.shape, dtype=acc), shift.new_empty(shift.shape, dtype=acc)
 
@@ -57,7 +53,7 @@ def _backward(ctx, grad):
 
 if _backend.has_kernel("bn_lrelu", "CPU") or _backend.has_kernel("bn_lrelu", "CUDA"):
     torch.library.register_fake("madfast::bn_lrelu")(_fake_fwd)
-    torch.library.register_fake("madfast::bn_lrelu_backward")(_fake_bwd_compiled)
+    torch.library.register_fake("madfast::bn_lrelu_backward")(_fake_bwd)
     torch.library.register_autograd("madfast::bn_lrelu", _backward, setup_context=_setup("bn_lrelu_backward"))
 
 if importlib.util.find_spec("triton") is not None:
@@ -69,7 +65,7 @@ if importlib.util.find_spec("triton") is not None:
     @triton.jit
     def _bn_lrelu_kernel(
         y_ptr, out_ptr, g_ptr, gy_ptr,  # (N, C, H, W) with strides s_n, s_c, s_hw (out, g, gy: y's layout)
-        scale_ptr, shift_ptr, gscale_ptr, gshift_ptr,  # (C,) fp32; the gradients zero-initialised
+        scale_ptr, shift_ptr, gscale_ptr, gshift_ptr,  # (C,) fp32; the gradients (fp64 for fp64 y) zeroed
         N, HW, s_n, s_c, s_hw, slope, splits,
         BACKWARD: tl.constexpr, BLOCK: tl.constexpr,
     ):
@@ -97,14 +93,14 @@ if importlib.util.find_spec("triton") is not None:
             else:
                 tl.store(out_ptr + off, tl.where(z > 0, z, z * slope).to(out_ptr.dtype.element_ty), mask=mask)
         if BACKWARD:
-            tl.atomic_add(gscale_ptr + c, tl.sum(acc_scale, 0))
-            tl.atomic_add(gshift_ptr + c, tl.sum(acc_shift, 0))
+            tl.atomic_add(gscale_ptr + c, tl.sum(acc_scale, 0).to(gscale_ptr.dtype.element_ty))
+            tl.atomic_add(gshift_ptr + c, tl.sum(acc_shift, 0).to(gshift_ptr.dtype.element_ty))
 
     def _launch(y, scale, shift, slope, grad=None):
         y, s_n, s_c, s_hw, _ = moments_view(y)
         N, C, H, W = y.shape
         out = torch.empty_like(y)
-        g_scale = torch.zeros(C, dtype=torch.float32, device=y.device)
+        g_scale = torch.zeros(C, dtype=acc_dtype(y.dtype), device=y.device)
         g_shift = torch.zeros_like(g_scale)
         if y.numel():
             g = grad.contiguous(memory_format=torch.channels_last if s_c == 1 and C > 1 else
@@ -123,8 +119,7 @@ if importlib.util.find_spec("triton") is not None:
     @torch.library.custom_op("madfast::bn_lrelu_backward_triton", mutates_args=())
     def _bn_lrelu_backward_triton(grad: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                                   negative_slope: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        g_y, g_scale, g_shift = _launch(y, scale, shift, negative_slope, grad)
-        return g_y, g_scale.to(scale.dtype), g_shift.to(shift.dtype)
+        return _launch(y, scale, shift, negative_slope, grad)
 
     _bn_lrelu_triton.register_fake(_fake_fwd)
     _bn_lrelu_backward_triton.register_fake(_fake_bwd)
