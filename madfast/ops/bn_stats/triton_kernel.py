@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from madfast.ops._dtypes import acc_dtype
+from madfast.ops._layout import kernel_memory_format
 from madfast.ops._triton import TL_DTYPES
 
 __all__ = ["triton_channel_moments", "triton_channel_moments_backward", "moments_view"]
@@ -21,7 +22,7 @@ BLOCK = 1024
 
 def moments_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, bool]:
     """(x readable in place, stride of N, stride of C, stride of HW, channels_last)."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    channels_last = kernel_memory_format(x) == torch.channels_last
     if not (x.is_contiguous() or channels_last):
         x = x.contiguous()
     C = x.shape[1]

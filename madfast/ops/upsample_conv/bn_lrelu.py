@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from madfast import _backend
 from madfast.ops._dtypes import acc_dtype
+from madfast.ops._layout import kernel_memory_format
 
 __all__ = ["bn_lrelu"]
 
@@ -24,8 +25,7 @@ MAX_SPLIT = 8  # programs per channel: a long M = N·H·W is split so that few c
 
 def _like(y):
     """The kernels' output layout: y's when contiguous or channels_last, else contiguous."""
-    cl = y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
-    return torch.empty_like(y, memory_format=torch.channels_last if cl else torch.contiguous_format)
+    return torch.empty_like(y, memory_format=kernel_memory_format(y))
 
 
 def _fake_fwd(y, scale, shift, negative_slope):

@@ -22,6 +22,7 @@ import torch
 from madfast import _backend
 from madfast.ops._checks import check_floating, check_same
 from madfast.ops._dtypes import acc_dtype
+from madfast.ops._layout import kernel_memory_format
 from madfast.ops.upsample_conv.reference import torch_upsample_conv
 
 __all__ = ["upsample_conv"]
@@ -59,9 +60,8 @@ def _check_backward(grad_y, x, weight, y, grad_sum, grad_sumsq) -> None:
 
 def _fake(x, weight, stats):
     N, _, H, W = x.shape
-    y = x.new_empty((N, weight.shape[0], 2 * H, 2 * W))
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        y = y.contiguous(memory_format=torch.channels_last)
+    y = torch.empty((N, weight.shape[0], 2 * H, 2 * W), dtype=x.dtype, device=x.device,
+                    memory_format=kernel_memory_format(x))
     width = weight.shape[0] if stats else 0
     acc = acc_dtype(x.dtype)
     return y, x.new_empty(width, dtype=acc), x.new_empty(width, dtype=acc)

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from madfast.ops._dtypes import acc_dtype
+from madfast.ops._layout import kernel_memory_format
 from madfast.ops._triton import interpreted
 
 __all__ = ["GradFold", "triton_upsample_conv_fwd", "triton_upsample_conv_grad_weight",
@@ -288,9 +289,7 @@ def triton_upsample_conv_fwd(x: torch.Tensor, weight: torch.Tensor, stats: bool 
     N, Cin, H, W = x.shape
     Cout = weight.shape[0]
     OH, OW = 2 * H, 2 * W
-    memory_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not \
-        x.is_contiguous() else torch.contiguous_format
-    y = torch.empty((N, Cout, OH, OW), dtype=x.dtype, device=x.device, memory_format=memory_format)
+    y = torch.empty((N, Cout, OH, OW), dtype=x.dtype, device=x.device, memory_format=kernel_memory_format(x))
     total = torch.zeros(Cout if stats else 0, dtype=acc_dtype(x.dtype), device=x.device)
     total_sq = torch.zeros_like(total)
     if y.numel() == 0:
