@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.madfast-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench gpu-check install clean
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ test: $(STAMP)
 # Every pytest-benchmark suite, a markdown table and a PNG chart of speed-ups vs eager.
 bench: $(STAMP)
 	$(PY) -m madfast bench --out benchmarks/results
+
+# The prepared GPU run (about 8 minutes on an H100; no venv, no registries: the machine's python3 and
+# torch): builds the extension for this GPU, runs `madfast check --device cuda`, the tests and the
+# benchmarks there, writing everything into $(OUT) (the environment's OUT when set, as on a lent machine).
+OUT ?= benchmarks/results/gpu-check-$(shell date -u +%Y%m%d-%H%M%S)
+gpu-check:
+	bash benchmarks/gpu_check.sh $(OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info madfast/_C*.so

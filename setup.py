@@ -52,6 +52,7 @@ ext = Extension(
 
 setup(
     packages=find_packages(include=["madfast", "madfast.*"]),
+    package_data={"madfast": ["verified.json"]},  # the committed verified-dispatch measurements
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension},
 )

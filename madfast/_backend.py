@@ -1,7 +1,10 @@
 """Loads the compiled extension defensively and chooses a backend per call.
 
-Backends: "torch" (the reference), "triton", "cuda" (csrc/cuda), "cpp" (csrc, CPU).
-"auto" picks CUDA extension > Triton > torch on CUDA tensors and C++ > torch on CPU tensors.
+Backends: "torch" (the reference), "triton", "cuda" (csrc/cuda), "cpp" (csrc, CPU), and "aten" (the
+generator block only: fused around ATen's convolution, i.e. cuDNN on CUDA, oneDNN on CPU).
+"auto" on CPU tensors picks C++ > torch. On CUDA tensors it picks, in the op's order (CUDA extension >
+Triton > torch unless the op says otherwise), the first fused backend that `madfast check` verified
+correct and at least as fast as torch on this GPU architecture (madfast._verified), else torch.
 What the extension provides is asked of the dispatcher, so a CPU-only build, a build without
 some op, or no build at all simply narrows the choice.
 """
@@ -14,11 +17,15 @@ import warnings
 
 import torch
 
+from madfast import _verified
+
 __all__ = ["BACKENDS", "BackendUnavailableError", "extension_loaded", "has_kernel", "triton_usable", "choose",
            "compiled_op"]
 
-BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
+BACKENDS = ("auto", "torch", "triton", "cuda", "cpp", "aten")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+# ops that have a path fused around ATen's own kernels (backend "aten")
+ATEN_OPS = frozenset({"upsample_conv"})
 
 
 class BackendUnavailableError(RuntimeError):
@@ -28,14 +35,14 @@ class BackendUnavailableError(RuntimeError):
 def _load_extension() -> str | None:
     try:
         from madfast import _C  # noqa: F401  (registers the C++/CUDA kernels)
-    except ImportError as e:
+    except (ImportError, OSError, RuntimeError) as e:  # RuntimeError: a stale build the dispatcher rejects
         warnings.warn(
-            f"madfast: the compiled extension madfast._C could not be loaded ({e}); "
+            f"madfast: the compiled extension madfast._C could not be loaded ({str(e).splitlines()[0]}); "
             "the C++/CUDA backends are unavailable and the Triton/torch ones are used.",
             RuntimeWarning,
             stacklevel=3,
         )
-        return str(e)
+        return str(e).splitlines()[0]
     return None
 
 
@@ -67,6 +74,8 @@ def triton_usable(device: torch.device) -> bool:
 def _why_unavailable(op: str, backend: str, device: torch.device) -> str | None:
     if backend == "torch":
         return None
+    if backend == "aten":
+        return None if op in ATEN_OPS else f"only {sorted(ATEN_OPS)} have an aten path"
     if backend == "triton":
         return None if triton_usable(device) else (
             "triton is not installed" if importlib.util.find_spec("triton") is None
@@ -82,17 +91,26 @@ def _why_unavailable(op: str, backend: str, device: torch.device) -> str | None:
     return None
 
 
+def _auto_allows(op: str, candidate: str, device: torch.device, dtype: torch.dtype | None) -> bool:
+    """On CUDA tensors a fused backend must have been verified on this GPU architecture."""
+    if candidate == "torch" or device.type != "cuda":
+        return True
+    return _verified.is_verified(op, candidate, _verified.capability_of(device), dtype)
+
+
 @torch.compiler.assume_constant_result  # asked once per trace: no graph break under torch.compile
-def choose(op: str, backend: str | None, device: torch.device, auto: tuple[str, ...] | None = None) -> str:
+def choose(op: str, backend: str | None, device: torch.device, auto: tuple[str, ...] | None = None,
+           dtype: torch.dtype | None = None) -> str:
     """The backend that runs ``op`` on ``device``: ``backend``, else $MADFAST_BACKEND, else auto.
-    ``auto`` overrides the auto order for ops whose fused kernels are not yet the better default."""
+    ``auto`` overrides the auto order for ops whose fused kernels are not yet the better default;
+    ``dtype`` narrows the verified-dispatch lookup to measurements in that dtype."""
     if backend is None or backend == "auto":
         backend = os.environ.get("MADFAST_BACKEND", "auto") or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         for candidate in auto or _AUTO_ORDER.get(device.type, ("torch",)):
-            if _why_unavailable(op, candidate, device) is None:
+            if _why_unavailable(op, candidate, device) is None and _auto_allows(op, candidate, device, dtype):
                 return candidate
         return "torch"
     reason = _why_unavailable(op, backend, device)

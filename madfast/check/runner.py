@@ -1,0 +1,434 @@
+"""`madfast check`: every op on every backend that runs on the device, checked against an fp64 eager
+PyTorch computation (values and every gradient), then timed against eager PyTorch, torch.compile and
+madfast's own torch path. Rows are printed and written (JSON + markdown) as each finishes, so a run
+cut short keeps all it measured; the verified-dispatch entries (madfast._verified) are derived at the end.
+
+Correctness follows flash-attention's rule, as the tests do: the error against the fp64 result may be
+at most 2× (outputs) / 3× (gradients) the error of eager PyTorch run in the same dtype, with a floor
+per dtype.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from madfast import _backend, _verified
+from madfast.check.cases import CASES, Case, Shape
+from madfast.check.timing import median_seconds
+
+__all__ = ["CheckOptions", "run_check", "environment", "verified_entries", "FORMAT"]
+
+FORMAT = "madfast-check/1"
+FLOORS = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+FORWARD_FACTOR, GRADIENT_FACTOR = 2.0, 3.0
+FUSED_BACKENDS = ("cuda", "cpp", "triton", "aten")
+
+
+@dataclass
+class CheckOptions:
+    device: torch.device
+    ops: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    out: Path
+    quick: bool = False
+    compile: bool = True
+    save: bool = False
+    time_budget_s: float | None = None
+    progress: bool = True
+    batch_divisor: int = 1
+    argv: list[str] = field(default_factory=list)
+
+
+# ---- running one case ---------------------------------------------------------------------------
+def _map(fn, x):
+    if isinstance(x, (list, tuple)):
+        return type(x)(_map(fn, t) for t in x)
+    return fn(x) if isinstance(x, torch.Tensor) else x
+
+
+def _clone(x):
+    return _map(lambda t: t.detach().clone(), x)
+
+
+def _weights(outputs, device, seed=1234):
+    """Fixed random cotangents for the outputs (fp64, on the CPU generator: the same for every run)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(o.shape, generator=g, dtype=torch.float64).to(device) for o in outputs]
+
+
+def _differentiable(case: Case, inputs: list) -> list:
+    xs = _clone(inputs)
+    for i in case.grads:
+        xs[i].requires_grad_(True)
+    return xs
+
+
+def _evaluate(case: Case, fn, inputs: list, weights: list | None):
+    """Outputs, then the gradients of Σᵢ⟨wᵢ, outᵢ⟩ with respect to inputs[case.grads]."""
+    xs = _differentiable(case, inputs)
+    outs = list(fn(*xs))
+    if weights is None:
+        weights = _weights(outs, outs[0].device)
+    grads = []
+    if case.grads:
+        pairs = [(o, w.to(o.dtype)) for o, w in zip(outs, weights) if o.requires_grad]
+        got = torch.autograd.grad([o for o, _ in pairs], [xs[i] for i in case.grads], [w for _, w in pairs],
+                                  allow_unused=True)
+        grads = [torch.zeros_like(xs[i]) if g is None else g for i, g in zip(case.grads, got)]
+    return [o.detach() for o in _flat(outs)] + grads, weights
+
+
+def _flat(outs):
+    return [t for o in outs for t in (o if isinstance(o, (list, tuple)) else [o])]
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    if expected.numel() == 0:
+        return 0.0 if actual.numel() == 0 else math.inf
+    if actual.shape != expected.shape:
+        return math.inf
+    diff = (actual.double() - expected.double()).abs().max()
+    return (diff / expected.double().abs().max().clamp_min(1e-30)).item()
+
+
+def _compare(case: Case, actual, expected, same_dtype, dtype: torch.dtype) -> dict:
+    n_out = len(actual) - len(case.grads)
+    worst = {"ratio": -1.0}
+    for k, (a, e, s) in enumerate(zip(actual, expected, same_dtype)):
+        factor = FORWARD_FACTOR if k < n_out else GRADIENT_FACTOR
+        tol = max(factor * _rel_err(s, e), FLOORS[dtype])
+        err = _rel_err(a, e)
+        ratio = err / tol if math.isfinite(err) else math.inf
+        if not ratio <= worst["ratio"]:  # also takes NaN
+            worst = {"ratio": ratio, "max_err": err, "tol": tol,
+                     "worst": f"out{k}" if k < n_out else f"grad{case.grads[k - n_out]}"}
+    worst["ok"] = bool(worst["ratio"] <= 1.0)
+    return worst
+
+
+class _ChooseRecorder:
+    """Records which dispatcher ops madfast._backend.choose is asked about while it is active."""
+
+    def __init__(self):
+        self.ops: set[str] = set()
+
+    def __enter__(self):
+        self._orig = _backend.choose
+
+        def record(op, *args, **kwargs):
+            self.ops.add(op)
+            return self._orig(op, *args, **kwargs)
+        _backend.choose = record
+        return self
+
+    def __exit__(self, *exc):
+        _backend.choose = self._orig
+
+
+def _inputs(case: Case, shape: Shape, dtype: torch.dtype, device: torch.device) -> list:
+    g = torch.Generator().manual_seed(hash((case.name, shape.label)) % (1 << 31))
+    return case.make(shape, dtype, device, g)
+
+
+def check_correctness(case: Case, backend: str, shape: Shape, dtype: torch.dtype, device: torch.device) -> dict:
+    inputs = _inputs(case, shape, dtype, device)
+    expected, weights = _evaluate(case, case.eager, _map(lambda t: t.to(torch.float64), inputs), None)
+    same_dtype, _ = _evaluate(case, case.eager, inputs, weights)
+    with _ChooseRecorder() as rec:
+        actual, _ = _evaluate(case, case.fused(backend), inputs, weights)
+    row = _compare(case, actual, expected, same_dtype, dtype)
+    row["dispatch_ops"] = sorted(rec.ops) or [case.dispatch_op]
+    return row
+
+
+def _timed_callable(case: Case, fn, inputs: list, weights: list):
+    if case.in_place:
+        return lambda: fn(*inputs)
+    xs = _differentiable(case, inputs)
+
+    def fwd_bwd():
+        outs = _flat(fn(*xs))
+        pairs = [(o, w.to(o.dtype)) for o, w in zip(outs, weights) if o.requires_grad]
+        if pairs:
+            torch.autograd.grad([o for o, _ in pairs], [xs[i] for i in case.grads], [w for _, w in pairs],
+                                allow_unused=True)
+    return fwd_bwd
+
+
+def time_case(case: Case, backends: list[str], shape: Shape, dtype: torch.dtype, device: torch.device,
+              compile: bool, budget_s: float) -> dict:
+    """Seconds per forward+backward for eager, torch.compile (None when off or failing) and each backend."""
+    inputs = _inputs(case, shape, dtype, device)
+    _, weights = _evaluate(case, case.eager, inputs, None)
+
+    def measure(fn):
+        return median_seconds(_timed_callable(case, fn, inputs, weights), device, budget_s=budget_s)
+
+    times = {"eager": measure(case.eager), "compile": None}
+    if compile:
+        try:
+            torch._dynamo.reset()  # a fresh compile per shape and dtype: no recompile limit
+            times["compile"] = measure(torch.compile(case.eager))
+        except Exception as e:  # noqa: BLE001 - a compiler failure is a note, not a kernel failure
+            times["compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+    for b in backends:
+        times[b] = measure(case.fused(b))
+    return times
+
+
+# ---- environment --------------------------------------------------------------------------------
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    import importlib.util
+
+    import madfast
+
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "madfast": madfast.__version__, "commit": _git_commit(), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "python": platform.python_version(), "platform": platform.platform(),
+        "triton": __import__("triton").__version__ if importlib.util.find_spec("triton") else None,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1", "cpu_threads": torch.get_num_threads(),
+        "extension_loaded": _backend.extension_loaded(), "device": device.type,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, capability=_verified.capability_of(device), sm_count=props.multi_processor_count,
+                   memory_gib=round(props.total_memory / 2**30, 1), driver=_driver())
+    return env
+
+
+# ---- verified-dispatch entries ------------------------------------------------------------------
+def verified_entries(rows: list[dict], env: dict) -> list[dict]:
+    """One entry per (dispatcher op, fused backend, dtype) that was both checked and timed: ok when every
+    correctness row of it passed; ratio the geometric mean over its timed shapes of torch time / its time."""
+    if env.get("device") != "cuda":
+        return []
+    groups: dict[tuple, dict] = {}
+    for r in rows:
+        if r["backend"] == "torch":
+            continue
+        for op in r.get("dispatch_ops", []):
+            g = groups.setdefault((op, r["backend"], r["dtype"]), {"ok": True, "ratios": [], "check_ops": set()})
+            g["check_ops"].add(r["op"])
+            if r["kind"] == "correctness":
+                g["ok"] = g["ok"] and r["ok"]
+            elif r.get("x_torch") is not None:
+                g["ratios"].append(r["x_torch"])
+    entries = []
+    for (op, backend, dtype), g in sorted(groups.items()):
+        if not g["ratios"]:
+            continue
+        ratio = math.exp(sum(math.log(x) for x in g["ratios"]) / len(g["ratios"]))
+        entries.append({"op": op, "backend": backend, "dtype": dtype, "gpu": env["gpu"],
+                        "capability": env["capability"], "ratio": round(ratio, 4), "ok": g["ok"],
+                        "date": env["date"][:10], "commit": env["commit"], "torch": env["torch"],
+                        "triton": env["triton"], "check_ops": sorted(g["check_ops"])})
+    return entries
+
+
+# ---- output -------------------------------------------------------------------------------------
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _fmt(x, spec) -> str:
+    return "" if x is None else format(x, spec)
+
+
+def format_row(r: dict) -> str:
+    if r["kind"] == "correctness":
+        err = f"{r['max_err']:.2e} / {r['tol']:.1e} ({r['worst']})"
+        return (f"{r['op']:<14} {r['backend']:<7} {r['dtype']:<9} {r['shape']:<28} {err:<34} "
+                f"{'ok' if r['ok'] else 'FAIL'}")
+    thr = f"{r['throughput']:.3g} {r['unit']}/s" if r.get("throughput") is not None else ""
+    return (f"{r['op']:<14} {r['backend']:<7} {r['dtype']:<9} {r['shape']:<28} {r['us']:>10.1f} µs {thr:>14} "
+            f"×torch {_fmt(r.get('x_torch'), '.2f'):>5} ×eager {_fmt(r.get('x_eager'), '.2f'):>5} "
+            f"×compile {_fmt(r.get('x_compile'), '.2f'):>5}")
+
+
+def markdown(report: dict) -> str:
+    env = report["env"]
+    where = f"{env.get('gpu', 'CPU')} (capability {env['capability']})" if env["device"] == "cuda" else \
+        f"CPU, {env['cpu_threads']} threads"
+    lines = [f"# madfast check — {where}", "",
+             f"{env['date']}; madfast {env['madfast']} ({env['commit']}); torch {env['torch']} (CUDA {env['cuda']}); "
+             f"triton {env['triton']}; Python {env['python']}" + (f"; driver {env['driver']}" if env.get("driver") else ""),
+             "", f"Command: `{' '.join(report['argv'])}`", "",
+             "## Correctness (error vs fp64 eager / tolerance = max(2× or 3× eager's same-dtype error, floor))", "",
+             "| op | backend | dtype | shape | max rel. error | tolerance | worst | status |",
+             "|---|---|---|---|---:|---:|---|---|"]
+    for r in report["results"]:
+        if r["kind"] == "correctness":
+            lines.append(f"| {r['op']} | {r['backend']} | {r['dtype']} | {r['shape']} | {r['max_err']:.2e} | "
+                         f"{r['tol']:.1e} | {r['worst']} | {'ok' if r['ok'] else '**FAIL**'} |")
+    lines += ["", "## Speed (forward + backward, median; × = baseline time / this time)", "",
+              "| op | backend | dtype | shape | µs | throughput | × torch path | × eager | × compile |",
+              "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        if r["kind"] == "speed":
+            thr = f"{r['throughput']:.3g} {r['unit']}/s" if r.get("throughput") is not None else ""
+            lines.append(f"| {r['op']} | {r['backend']} | {r['dtype']} | {r['shape']} | {r['us']:.1f} | {thr} | "
+                         f"{_fmt(r.get('x_torch'), '.2f')} | {_fmt(r.get('x_eager'), '.2f')} | "
+                         f"{_fmt(r.get('x_compile'), '.2f')} |")
+    if report["skipped"]:
+        lines += ["", "## Not run", ""] + [f"- {s}" for s in report["skipped"]]
+    if report["verified_entries"]:
+        lines += ["", "## Verified-dispatch entries", "", "| op | backend | dtype | × torch (geomean) | ok |",
+                  "|---|---|---|---:|---|"]
+        lines += [f"| {e['op']} | {e['backend']} | {e['dtype']} | {e['ratio']:.2f} | {e['ok']} |"
+                  for e in report["verified_entries"]]
+    s = report["summary"]
+    lines += ["", f"{s['checked']} correctness rows, {s['failures']} failures, {s['timed']} speed rows; "
+              f"{'finished' if s['finished'] else 'cut short'} in {s['seconds']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+# ---- the run ------------------------------------------------------------------------------------
+def _available(case: Case, device: torch.device, skipped: list[str]) -> list[str]:
+    names = ["torch"]
+    for b in FUSED_BACKENDS:
+        try:
+            _backend.choose(case.dispatch_op, b, device)
+            names.append(b)
+        except _backend.BackendUnavailableError as e:
+            if b != "aten" or case.dispatch_op in _backend.ATEN_OPS:
+                skipped.append(f"{case.name} / {b}: {e}")
+    return names
+
+
+def run_check(opts: CheckOptions) -> int:
+    """Runs the check; returns the exit status (1 when any correctness check failed)."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    env = environment(opts.device)
+    report = {"format": FORMAT, "env": env, "argv": opts.argv, "results": [], "skipped": [],
+              "verified_entries": [], "summary": {}}
+    json_path, md_path = opts.out / "check.json", opts.out / "check.md"
+
+    def flush(finished: bool) -> None:
+        rows = report["results"]
+        report["summary"] = {"checked": sum(r["kind"] == "correctness" for r in rows),
+                             "failures": sum(r["kind"] == "correctness" and not r["ok"] for r in rows),
+                             "timed": sum(r["kind"] == "speed" for r in rows), "finished": finished,
+                             "seconds": time.perf_counter() - started}
+        _atomic_write(json_path, json.dumps(report, indent=1))
+        _atomic_write(md_path, markdown(report))
+
+    # dtype-major (the order of --dtypes, fp32 first by default): a run cut short has every op in
+    # the dtypes that matter most
+    plan = []  # (case, backends, dtype, shape)
+    backends = {name: _available(CASES[name], opts.device, report["skipped"]) for name in opts.ops}
+    for dtype in opts.dtypes:
+        for name in opts.ops:
+            case = CASES[name]
+            if dtype not in case.dtypes:
+                report["skipped"].append(f"{name} / {str(dtype)[6:]}: not an input dtype of this op's check")
+                continue
+            plan += [(case, backends[name], dtype, shape) for shape in case.shapes(opts.batch_divisor, opts.quick)]
+    n_units = sum(len(b) for _, b, _, _ in plan) + sum(1 for *_, s in plan if not s.odd)
+    bar = tqdm(total=n_units, disable=not opts.progress, file=sys.stderr, unit="check", leave=False)
+
+    def emit(row: dict) -> None:
+        report["results"].append(row)
+        bar.write(format_row(row))
+        flush(False)
+
+    header = (f"{'op':<14} {'backend':<7} {'dtype':<9} {'shape':<28} error / tolerance / µs, throughput, ratios")
+    bar.write(header)
+    # Correctness of everything first: it is what a short GPU window must not miss.
+    for case, backends, dtype, shape in plan:
+        for b in backends:
+            base = {"kind": "correctness", "op": case.name, "backend": b, "dtype": str(dtype)[6:], "shape": shape.label}
+            t0 = time.perf_counter()
+            try:
+                row = {**base, **check_correctness(case, b, shape, dtype, opts.device)}
+            except Exception as e:  # noqa: BLE001 - a crash is a failure of that kernel, reported, not fatal
+                row = {**base, "ok": False, "ratio": math.inf, "max_err": math.inf, "tol": FLOORS[dtype],
+                       "worst": "error", "error": f"{type(e).__name__}: {e}"[:500], "dispatch_ops": [case.dispatch_op]}
+            row["seconds"] = round(time.perf_counter() - t0, 3)  # on a GPU: mostly JIT compilation
+            emit(row)
+            bar.update()
+    for case, backends, dtype, shape in plan:
+        if shape.odd:
+            continue
+        bar.update()
+        if opts.time_budget_s is not None and time.perf_counter() - started > opts.time_budget_s:
+            report["skipped"].append(f"{case.name} / {str(dtype)[6:]} / {shape.label}: timing skipped "
+                                     f"(--time-budget {opts.time_budget_s:g} s spent)")
+            continue
+        # the Triton interpreter's speed means nothing
+        timed = [b for b in backends if not (b == "triton" and opts.device.type == "cpu")]
+        try:
+            times = time_case(case, timed, shape, dtype, opts.device, opts.compile,
+                              budget_s=0.05 if opts.quick else 0.3)
+        except Exception as e:  # noqa: BLE001
+            report["skipped"].append(f"{case.name} / {str(dtype)[6:]} / {shape.label}: timing failed: "
+                                     f"{type(e).__name__}: {e}"[:500])
+            continue
+        unit, work = case.work(shape, dtype)
+        for b in timed:
+            t = times[b]
+            emit({"kind": "speed", "op": case.name, "backend": b, "dtype": str(dtype)[6:], "shape": shape.label,
+                  "us": t * 1e6, "unit": unit, "throughput": work / t / (1e12 if unit == "TFLOP" else 1e9),
+                  "eager_us": times["eager"] * 1e6,
+                  "compile_us": None if times["compile"] is None else times["compile"] * 1e6,
+                  "compile_error": times.get("compile_error"), "x_torch": times["torch"] / t,
+                  "x_eager": times["eager"] / t,
+                  "x_compile": None if times["compile"] is None else times["compile"] / t,
+                  "dispatch_ops": next((r["dispatch_ops"] for r in reversed(report["results"])
+                                        if r["kind"] == "correctness" and r["op"] == case.name and r["backend"] == b),
+                                       [case.dispatch_op])})
+    bar.close()
+    report["verified_entries"] = verified_entries(report["results"], env)
+    flush(True)
+    _atomic_write(opts.out / "verified-entries.json", json.dumps({"entries": report["verified_entries"]}, indent=1))
+    if opts.save:
+        save_entries(report["verified_entries"])
+    s = report["summary"]
+    print(f"{s['checked']} correctness checks, {s['failures']} failed; {s['timed']} timings "
+          f"({s['seconds']:.0f} s) → {json_path}, {md_path}")
+    return 1 if s["failures"] else 0
+
+
+def save_entries(entries: list[dict]) -> Path:
+    path = _verified.cache_file()
+    merged = _verified.merge_entries(_verified.read_entries(path), entries)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps({"entries": merged}, indent=1))
+    _verified._load.cache_clear()
+    return path

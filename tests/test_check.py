@@ -1,0 +1,298 @@
+"""`madfast check` rehearsed on the CPU, the verified-dispatch rule on simulated GPUs and cache files,
+bad input, and the GPU script's dry run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import madfast
+from madfast import _backend, _verified
+from madfast.check import CheckOptions, options, run_check
+from madfast.check.cases import CASES
+from madfast.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+ROW_KEYS = {"kind", "op", "backend", "dtype", "shape"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One `madfast check --device cpu --quick` over every op, as a user would run it."""
+    out = tmp_path_factory.mktemp("check")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "MADFAST_CACHE_DIR": str(out / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "madfast", "check", "--device", "cpu", "--quick", "--out", str(out),
+                           "--no-progress"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    return proc, out
+
+
+@pytest.mark.slow
+def test_quick_cpu_check_end_to_end(quick_run):
+    proc, out = quick_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "check.json").read_text())
+    assert report["format"] == "madfast-check/1"
+    assert report["summary"]["finished"] and report["summary"]["failures"] == 0
+    for key in ("date", "commit", "torch", "triton", "cuda", "python", "device", "cpu_threads"):
+        assert key in report["env"]
+    rows = report["results"]
+    assert all(ROW_KEYS <= set(r) for r in rows)
+    checked = {(r["op"], r["backend"], r["dtype"]) for r in rows if r["kind"] == "correctness"}
+    for op, case in CASES.items():
+        backends = ["torch", "cpp", "triton"] if op != "block" else ["torch", "cpp", "triton", "aten"]
+        for b in backends:
+            if any(f"{op} / {b}:" in s for s in report["skipped"]):
+                continue  # named, with the reason, under "Not run"
+            for dtype in case.dtypes:
+                assert (op, b, str(dtype)[6:]) in checked, (op, b, dtype)
+    for r in rows:
+        if r["kind"] == "correctness":
+            assert r["ok"] and r["max_err"] <= r["tol"], r
+            if r["backend"] == "cpp" and r["op"] != "bn_lrelu":  # the dispatcher op each case exercises
+                assert r["dispatch_ops"] == [CASES[r["op"]].dispatch_op], r
+    speed = [r for r in rows if r["kind"] == "speed"]
+    assert {r["backend"] for r in speed} >= {"torch", "cpp"} and "triton" not in {r["backend"] for r in speed}
+    assert all(r["us"] > 0 and r["x_eager"] > 0 and r["x_compile"] is None for r in speed)  # --quick: no compile
+    md = (out / "check.md").read_text()
+    assert "| op | backend | dtype | shape | max rel. error |" in md and "## Speed" in md
+    assert all(f"| {op} |" in md for op in CASES)
+    assert json.loads((out / "verified-entries.json").read_text()) == {"entries": []}  # CPU: nothing to verify
+    assert "correctness checks, 0 failed" in proc.stdout
+
+
+def _opts(tmp_path, ops, dtypes=(torch.float32,), **kw) -> CheckOptions:
+    return CheckOptions(device=torch.device("cpu"), ops=ops, dtypes=dtypes, out=tmp_path, quick=True,
+                        compile=False, progress=False, batch_divisor=8, **kw)
+
+
+def _perturb(monkeypatch, name, wrong):
+    """Replaces madfast.ops.<name> on the fused backends only (the torch path stays right)."""
+    real = getattr(madfast.ops, name)
+    monkeypatch.setattr(madfast.ops, name, lambda *a, backend, **k: (real if backend == "torch" else wrong(real))(
+        *a, backend=backend, **k))
+
+
+def _rows(out: Path) -> list[dict]:
+    return [r for r in json.loads((out / "check.json").read_text())["results"] if r["kind"] == "correctness"]
+
+
+def test_a_perturbed_kernel_fails_the_check(tmp_path, monkeypatch):
+    """A fused kernel off by 1 %: exit status 1, FAIL in the rows and the table, the torch path ok."""
+    _perturb(monkeypatch, "kl_div", lambda real: lambda *a, **k: real(*a, **k) * 1.01)
+    assert run_check(_opts(tmp_path, ("kl",))) == 1
+    rows = _rows(tmp_path)
+    fused = [r for r in rows if r["backend"] != "torch" and r["shape"] != "1×1"]  # KL over one class is 0
+    assert fused and not any(r["ok"] for r in fused)
+    assert all(r["ok"] for r in rows if r["backend"] == "torch")
+    assert "**FAIL**" in (tmp_path / "check.md").read_text()
+
+
+def test_a_wrong_gradient_fails_the_check(tmp_path, monkeypatch):
+    """Right values, a gradient 1 % off."""
+    class ScaleGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 1.01
+
+    _perturb(monkeypatch, "bn_stat_loss", lambda real: lambda x, *a, **k: real(ScaleGrad.apply(x), *a, **k))
+    assert run_check(_opts(tmp_path, ("bn_stats",))) == 1
+    bad = [r for r in _rows(tmp_path) if not r["ok"]]
+    assert bad and all(r["worst"] == "grad0" and r["backend"] != "torch" for r in bad)
+
+
+def test_an_ema_that_does_nothing_fails_in_bf16(tmp_path, monkeypatch):
+    _perturb(monkeypatch, "ema_update_", lambda real: lambda *a, **k: None)
+    assert run_check(_opts(tmp_path, ("ema",), dtypes=(torch.bfloat16,))) == 1
+    assert not any(r["ok"] for r in _rows(tmp_path) if r["backend"] != "torch")
+
+
+def test_a_crashing_kernel_is_a_failure_not_a_crash(tmp_path, monkeypatch):
+    def boom(real):
+        def run(*a, **k):
+            raise RuntimeError("illegal memory access")
+        return run
+    _perturb(monkeypatch, "adversarial_loss", boom)
+    assert run_check(_opts(tmp_path, ("adversarial",))) == 1
+    assert any("illegal memory access" in r.get("error", "") for r in _rows(tmp_path))
+
+
+def test_compile_is_timed_when_asked(tmp_path):
+    opts = dataclasses.replace(_opts(tmp_path, ("bn_lrelu",)), compile=True)
+    assert run_check(opts) == 0
+    speed = [r for r in json.loads((tmp_path / "check.json").read_text())["results"] if r["kind"] == "speed"]
+    assert speed and all(r["compile_us"] is not None and r["x_compile"] > 0 for r in speed)
+
+
+# ---- verified dispatch ----------------------------------------------------------------------------
+def entry(op="kl_div_fwd", backend="cuda", dtype="float32", capability="9.0", ratio=1.5, ok=True):
+    return {"op": op, "backend": backend, "dtype": dtype, "gpu": "NVIDIA H100", "capability": capability,
+            "ratio": ratio, "ok": ok, "date": "2026-11-26", "commit": "abc"}
+
+
+@pytest.mark.parametrize("entries, dtype, verified", [
+    ([entry()], torch.float32, True),
+    ([entry()], None, True),
+    ([entry(ratio=0.99)], torch.float32, False),  # slower than torch: not taken
+    ([entry(ok=False, ratio=3.0)], torch.float32, False),  # fast but wrong: not taken
+    ([entry(capability="8.0")], torch.float32, False),  # measured on another architecture
+    ([entry(dtype="bfloat16")], torch.float32, False),  # measured in another dtype
+    ([entry(), entry(dtype="bfloat16", ratio=0.5)], None, False),  # dtype unknown: every measurement must pass
+    ([entry(), entry(dtype="bfloat16", ratio=0.5)], torch.float32, True),
+    ([entry(backend="triton")], torch.float32, False),
+    ([], torch.float32, False),
+])
+def test_is_verified(entries, dtype, verified):
+    assert _verified.is_verified("kl_div_fwd", "cuda", "9.0", dtype, entries) is verified
+
+
+@pytest.fixture
+def simulated_gpu(monkeypatch):
+    """A CUDA device whose capability and available backends are simulated (no GPU needed)."""
+    def use(capability: str, entries: list[dict]):
+        monkeypatch.setattr(_backend, "_why_unavailable", lambda op, backend, device: None)
+        monkeypatch.setattr(_verified, "capability_of", lambda device: capability)
+        monkeypatch.setattr(_verified, "load_entries", lambda: tuple(entries))
+        monkeypatch.delenv("MADFAST_BACKEND", raising=False)
+        return torch.device("cuda")
+    return use
+
+
+def test_auto_on_cuda_takes_only_verified_backends(simulated_gpu):
+    dev = simulated_gpu("9.0", [entry(backend="triton", ratio=1.2), entry(backend="cuda", ratio=0.8)])
+    assert _backend.choose("kl_div_fwd", "auto", dev) == "triton"  # cuda first in order, but slower than torch
+    assert _backend.choose("channel_moments", "auto", dev) == "torch"  # nothing measured
+    assert _backend.choose("kl_div_fwd", "auto", dev, dtype=torch.bfloat16) == "torch"
+
+
+def test_auto_on_another_architecture_keeps_torch(simulated_gpu):
+    dev = simulated_gpu("8.9", [entry(backend="cuda"), entry(backend="triton")])
+    assert _backend.choose("kl_div_fwd", "auto", dev) == "torch"
+
+
+def test_explicit_backends_override_verification(simulated_gpu, monkeypatch):
+    dev = simulated_gpu("9.0", [])
+    assert _backend.choose("kl_div_fwd", "cuda", dev) == "cuda"
+    monkeypatch.setenv("MADFAST_BACKEND", "triton")
+    assert _backend.choose("kl_div_fwd", "auto", dev) == "triton"
+
+
+def test_auto_on_cpu_is_unchanged_by_verification():
+    assert _backend.choose("kl_div_fwd", "auto", torch.device("cpu")) == "cpp"
+
+
+def test_the_user_cache_adds_and_replaces_packaged_entries(tmp_path, monkeypatch):
+    monkeypatch.setenv("MADFAST_CACHE_DIR", str(tmp_path))
+    packaged = tmp_path / "packaged.json"
+    packaged.write_text(json.dumps({"entries": [entry(ratio=0.5), entry(op="l1_fwd")]}))
+    monkeypatch.setattr(_verified, "PACKAGED", packaged)
+    (tmp_path / "verified.json").write_text(json.dumps({"entries": [entry(ratio=2.0)]}))
+    _verified._load.cache_clear()
+    try:
+        got = {(e["op"], e["ratio"]) for e in _verified.load_entries()}
+        assert got == {("kl_div_fwd", 2.0), ("l1_fwd", 1.5)}
+        assert _verified.is_verified("kl_div_fwd", "cuda", "9.0", torch.float32)
+    finally:
+        _verified._load.cache_clear()
+
+
+@pytest.mark.parametrize("text", ["{not json", json.dumps({"entries": [{"op": "kl_div_fwd"}]}), "[]"])
+def test_a_corrupt_cache_is_ignored_with_a_warning(tmp_path, monkeypatch, text):
+    monkeypatch.setenv("MADFAST_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("MADFAST_BACKEND", raising=False)
+    (tmp_path / "verified.json").write_text(text)
+    monkeypatch.setattr(_backend, "_why_unavailable", lambda op, backend, device: None)
+    monkeypatch.setattr(_verified, "capability_of", lambda device: "9.0")
+    _verified._load.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="verified-dispatch file"):
+            assert _backend.choose("kl_div_fwd", "auto", torch.device("cuda")) == "torch"
+    finally:
+        _verified._load.cache_clear()
+
+
+def test_the_packaged_file_is_well_formed():
+    for e in _verified.read_entries(_verified.PACKAGED):
+        assert set(_verified.REQUIRED_KEYS) <= set(e)
+
+
+def test_entries_from_a_gpu_run():
+    """ok only when every correctness row of (op, backend, dtype) passed; ratio the geometric mean."""
+    from madfast.check.runner import verified_entries
+
+    def row(kind, backend="cuda", ok=True, x=None, op="kl"):
+        return {"kind": kind, "op": op, "backend": backend, "dtype": "float32", "shape": "s", "ok": ok,
+                "x_torch": x, "dispatch_ops": ["kl_div_fwd"]}
+    env = {"device": "cuda", "gpu": "H100", "capability": "9.0", "date": "2026-11-26T00:00", "commit": "c",
+           "torch": "2.11", "triton": "3.6"}
+    rows = [row("correctness"), row("correctness", op="adversarial", ok=False), row("speed", x=2.0),
+            row("speed", x=8.0), row("correctness", backend="torch"), row("speed", backend="torch", x=1.0),
+            row("correctness", backend="triton")]  # triton: checked but never timed → no entry
+    (e,) = verified_entries(rows, env)
+    assert (e["op"], e["backend"], e["ok"], e["ratio"], e["check_ops"]) == ("kl_div_fwd", "cuda", False, 4.0,
+                                                                             ["adversarial", "kl"])
+    assert verified_entries(rows, {**env, "device": "cpu"}) == []
+
+
+# ---- bad input --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["--ops", "kl,softmax"], "--ops: unknown name(s) softmax"),
+    (["--dtypes", "float8"], "--dtypes: unknown name(s) float8"),
+    (["--device", "tpu"], "--device must be cuda or cpu"),
+    (["--save"], "--save: verified dispatch applies to CUDA GPUs"),
+    (["--time-budget", "0"], "--time-budget must be > 0"),
+] + ([] if torch.cuda.is_available() else [([], "--device cuda: no CUDA GPU")]))
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "check.json").write_text("previous results")
+    device = [] if "--device" in argv or not argv else ["--device", "cpu"]
+    assert main(["check", "--out", str(out), *device, *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["check.json"]
+    assert (out / "check.json").read_text() == "previous results"
+
+
+def test_an_unwritable_out_is_named(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["check", "--device", "cpu", "--out", str(blocker / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "not a writable folder" in err
+
+
+def test_save_refuses_a_corrupt_cache_and_leaves_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("MADFAST_CACHE_DIR", str(tmp_path))
+    (tmp_path / "verified.json").write_text("{corrupt")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match="verified-dispatch file .* is unreadable"):
+        options("cuda", None, None, str(tmp_path / "out"), True, None, True, None, False, [])
+    assert (tmp_path / "verified.json").read_text() == "{corrupt"
+    assert not (tmp_path / "out").exists()
+
+
+# ---- the GPU script ---------------------------------------------------------------------------------
+def test_gpu_check_dry_run_lists_the_steps_in_order(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr
+    steps = [line.split()[2] for line in proc.stdout.splitlines() if line.startswith("== ") and "limit" in line]
+    assert steps == ["build", "check", "tests", "bench"]
+    assert "madfast check --device cuda" in proc.stdout and "TORCH_CUDA_ARCH_LIST=" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["build.log"]  # nothing run
+
+
+def test_make_gpu_check_calls_the_script_with_out():
+    proc = subprocess.run(["make", "-n", "gpu-check", "OUT=/tmp/x"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0 and "benchmarks/gpu_check.sh /tmp/x" in proc.stdout
