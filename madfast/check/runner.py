@@ -286,7 +286,8 @@ def markdown(report: dict) -> str:
         f"CPU, {env['cpu_threads']} threads"
     lines = [f"# madfast check — {where}", "",
              f"{env['date']}; madfast {env['madfast']} ({env['commit']}); torch {env['torch']} (CUDA {env['cuda']}); "
-             f"triton {env['triton']}; Python {env['python']}" + (f"; driver {env['driver']}" if env.get("driver") else ""),
+             f"triton {env['triton']}; Python {env['python']}"
+             + (f"; driver {env['driver']}" if env.get("driver") else ""),
              "", f"Command: `{' '.join(report['argv'])}`", "",
              "## Correctness (error vs fp64 eager / tolerance = max(2× or 3× eager's same-dtype error, floor))", "",
              "| op | backend | dtype | shape | max rel. error | tolerance | worst | status |",
@@ -330,10 +331,29 @@ def _available(case: Case, device: torch.device, skipped: list[str]) -> list[str
     return names
 
 
+class _Plain:
+    """The progress bar's interface without tqdm (a bare GPU machine may lack it)."""
+
+    def write(self, line: str) -> None:
+        print(line, flush=True)
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _Plain()
+    return tqdm(total=total, disable=not enabled, file=sys.stderr, unit="check", leave=False)
+
+
 def run_check(opts: CheckOptions) -> int:
     """Runs the check; returns the exit status (1 when any correctness check failed)."""
-    from tqdm import tqdm
-
     started = time.perf_counter()
     env = environment(opts.device)
     report = {"format": FORMAT, "env": env, "argv": opts.argv, "results": [], "skipped": [],
@@ -361,7 +381,7 @@ def run_check(opts: CheckOptions) -> int:
                 continue
             plan += [(case, backends[name], dtype, shape) for shape in case.shapes(opts.batch_divisor, opts.quick)]
     n_units = sum(len(b) for _, b, _, _ in plan) + sum(1 for *_, s in plan if not s.odd)
-    bar = tqdm(total=n_units, disable=not opts.progress, file=sys.stderr, unit="check", leave=False)
+    bar = _progress(n_units, opts.progress)
 
     def emit(row: dict) -> None:
         report["results"].append(row)
