@@ -52,10 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "overridden by the flags given)")
     p.add_argument("--stop-after", type=int, metavar="N", help="stop after N iterations of this invocation, "
                    "with a checkpoint (continue with --resume)")
+    p.add_argument("--preset", metavar="NAME", help="starting values for a data set: cifar10, cifar100, "
+                   "tinyimagenet, imagenet, places365 (each marked paper/reported/practice/ours; a --config "
+                   "file and flags override them)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config (YAML, each value's "
+                   "source) and exit without running")
 
-    p = sub.add_parser("eval", help="test accuracy of a teacher.pt or of the student of a distill run",
+    p = sub.add_parser("eval", help="test accuracy of a teacher (any weights file) or of the student of a distill run",
                        description="Top-1/top-5 test accuracy of a checkpoint's network.")
-    p.add_argument("ckpt", help="teacher.pt, a distill ckpt-*.pt, or a run folder (its newest checkpoint)")
+    p.add_argument("ckpt", help="teacher.pt, a distill ckpt-*.pt, a run folder (its newest checkpoint), or any "
+                   "teacher weights --teacher-ckpt takes (then --model and --dataset are needed)")
+    p.add_argument("--model", help="architecture of a weights file that is not madfast's (e.g. resnet50)")
+    p.add_argument("--img-size", type=int, help="image side (default: the checkpoint's or the data set's)")
     p.add_argument("--dataset", help="data set (default: the checkpoint's)")
     p.add_argument("--data-dir", help="local data folder (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=512)
@@ -102,18 +110,29 @@ def _cmd_distill(args) -> int:
     from madfast.train.checkpoint import load_checkpoint
     from madfast.train.config import config_from_args
 
+    from madfast.train.config import format_config
+    from madfast.train.presets import preset_values
+
     base = {}
     if args.resume:
+        if args.preset:
+            raise UsageError("--preset cannot be combined with --resume (the run's config is in its checkpoint)")
         base = dict(load_checkpoint(args.resume).get("config") or {})
         base["out"] = args.resume
     if args.stop_after is not None and args.stop_after < 1:
         raise UsageError("--stop-after must be ≥ 1")
-    cfg = config_from_args(DistillConfig, args, {**base, **_with_file(args)})
+    preset = preset_values(args.preset, set(DistillConfig.__dataclass_fields__)) if args.preset else {}
+    file = _with_file(args)
+    cfg = config_from_args(DistillConfig, args, {**preset, **base, **file})
+    if args.print_config:
+        print(format_config(cfg, preset=args.preset, file=file, args=args), end="")
+        return 0
     s = distill(cfg, resume=args.resume, stop_after=args.stop_after)
     if s:
         state = "finished" if s["finished"] else f"stopped at step {s['step']}/{s['total_steps']}"
         student = f"{s['student_acc']:.2f}%" if s["student_acc"] is not None else "not evaluated yet"
-        print(f"{state}: teacher {s['teacher_acc']:.2f}%, student {student} ({s['seconds']:.0f} s) → {cfg.out}")
+        teacher = f"{s['teacher_acc']:.2f}%" if s["teacher_acc"] is not None else "not evaluated"
+        print(f"{state}: teacher {teacher}, student {student} ({s['seconds']:.0f} s) → {cfg.out}")
     return 0
 
 
@@ -121,26 +140,38 @@ def _cmd_eval(args) -> int:
     from madfast.data import Normalize, build_dataset, dataset_info
     from madfast.errors import CheckpointError
     from madfast.models import build_model
+    from madfast.models.checkpoints import load_teacher_weights
     from madfast.train.checkpoint import load_checkpoint
     from madfast.train.distributed import setup
     from madfast.train.evaluate import eval_loader, evaluate
 
-    state = load_checkpoint(args.ckpt)
-    fmt = state.get("format") if isinstance(state, dict) else None
-    if fmt == "madfast-teacher/1":
-        cfg, name, weights = state["config"], state["model"], state["state_dict"]
-    elif fmt == "madfast-distill/1":
-        cfg, name, weights = state["config"], state["config"]["student"], state["task"]["student"]
+    if args.model is not None:  # any teacher weights, read the way distill's --teacher-ckpt reads them
+        if not args.dataset:
+            raise UsageError("--model needs --dataset (and --data-dir): a weights file does not name its data")
+        cfg, name, weights = {"img_size": args.img_size}, args.model, None
     else:
-        raise CheckpointError(f"{args.ckpt!r} is not a madfast teacher or distill checkpoint")
+        state = load_checkpoint(args.ckpt)
+        fmt = state.get("format") if isinstance(state, dict) else None
+        if fmt == "madfast-teacher/1":
+            cfg, name, weights = state["config"], state["model"], state["state_dict"]
+        elif fmt == "madfast-distill/1":
+            cfg, name, weights = state["config"], state["config"]["student"], state["task"]["student"]
+        else:
+            raise CheckpointError(f"{args.ckpt!r} is not a madfast teacher or distill checkpoint "
+                                  "(for other weights files give --model and --dataset)")
+    if args.img_size is not None and args.img_size < 1:
+        raise UsageError("--img-size must be ≥ 1")
     dataset, data_dir = args.dataset or cfg["dataset"], args.data_dir or cfg.get("data_dir")
-    info = dataset_info(dataset, data_dir, cfg.get("img_size") or None)
+    info = dataset_info(dataset, data_dir, args.img_size or cfg.get("img_size") or None)
     test = build_dataset(dataset, "test", data_dir, info.img_size)
     model = build_model(name, info.num_classes, info.channels)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"{args.ckpt!r} does not fit {name!r} on {dataset}: {str(e).splitlines()[0]}") from None
+    if weights is None:
+        load_teacher_weights(args.ckpt, model, name, info.num_classes, info.channels)
+    else:
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:
+            raise CheckpointError(f"{args.ckpt!r} does not fit {name!r} on {dataset}: {str(e).splitlines()[0]}") from None
     device = setup(args.device).device
     r = evaluate(model.to(device), eval_loader(test, args.batch_size, 0 if dataset == "digits" else args.num_workers),
                  Normalize(info.mean, info.std), device)

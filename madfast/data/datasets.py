@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from madfast.data.digits import digits_dataset
 from madfast.errors import DataError
 
-__all__ = ["DatasetInfo", "DATASETS", "dataset_info", "build_dataset", "Normalize"]
+__all__ = ["DatasetInfo", "DATASETS", "dataset_info", "build_dataset", "folder_index", "Normalize"]
 
 
 @dataclass(frozen=True)
@@ -83,13 +83,35 @@ def _folder_classes(name: str, data_dir: str | None, split: str) -> list[str]:
     return classes
 
 
+def folder_index(dataset: Dataset):
+    """(classes, samples) of an ImageFolder data set — what ``build_dataset(index=...)`` takes to
+    build the same data set without scanning its folder (other ranks); None for other data sets."""
+    samples = getattr(dataset, "samples", None)
+    return (list(dataset.classes), list(samples)) if samples is not None else None
+
+
+def _listed_image_folder(root: str, index, transform):
+    """An ImageFolder over a known (classes, samples) list: no directory scan."""
+    from torchvision import datasets
+
+    class ListedImageFolder(datasets.ImageFolder):
+        def find_classes(self, directory):
+            return index[0], {c: i for i, c in enumerate(index[0])}
+
+        def make_dataset(self, *args, **kwargs):
+            return list(index[1])
+
+    return ListedImageFolder(root, transform=transform)
+
+
 def build_dataset(name: str, split: str, data_dir: str | None = None, img_size: int | None = None,
-                  augment: bool = False) -> Dataset:
+                  augment: bool = False, index=None) -> Dataset:
     """Images in [0, 1] (normalisation is part of the model input pipeline, see ``Normalize``).
 
     split: "train" or "test" (CIFAR's test set; the folder "val" of an ImageFolder layout).
     augment: random crop + flip for teacher training (not for digits, whose classes are not
     mirror-symmetric).
+    index: an ImageFolder's ``folder_index`` from another process (its folder is then not scanned).
     """
     if split not in _FOLDER_SPLITS:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -113,8 +135,10 @@ def build_dataset(name: str, split: str, data_dir: str | None = None, img_size: 
         tf = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
     else:
         tf = [T.Resize(size * 8 // 7 if size >= 224 else size), T.CenterCrop(size)]
+    root = os.path.join(data_dir, _FOLDER_SPLITS[split])
+    if index is not None:
+        return _listed_image_folder(root, index, T.Compose([*tf, T.ToTensor()]))
     try:
-        return datasets.ImageFolder(os.path.join(data_dir, _FOLDER_SPLITS[split]),
-                                    transform=T.Compose([*tf, T.ToTensor()]))
+        return datasets.ImageFolder(root, transform=T.Compose([*tf, T.ToTensor()]))
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"dataset {name!r}: {e}") from None

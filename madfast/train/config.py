@@ -1,8 +1,9 @@
 """Flat, commented run configurations: the defaults, their CLI flags and YAML/JSON files.
 
 Every field is one CLI flag (``ema_decay`` → ``--ema-decay``; booleans also take ``--no-…``), may
-be set in a ``--config`` file, and is saved into every checkpoint. Choices the paper leaves open
-are marked [ours] (see shared/mad/ALGORITHM.md).
+be set in a ``--config`` file, and is saved into every checkpoint. Each algorithm choice says where
+it comes from: [paper] stated by the MAD paper, [reported] by secondary summaries of it, [practice]
+from the practitioners' code (ABM, Fast-Datafree, CMI, DeepInversion), [ours] where none says.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from madfast.errors import UsageError
 
 __all__ = ["DistillConfig", "TeacherConfig", "config_from_dict", "load_config_file", "add_config_args",
-           "config_from_args", "config_to_dict", "CHOICES"]
+           "config_from_args", "config_to_dict", "format_config", "CHOICES"]
 
 
 def _f(default, help: str):
@@ -31,40 +32,49 @@ class DistillConfig:
     data_dir: typing.Optional[str] = _f(None, "local folder of the data set (never downloaded); digits needs none")
     img_size: int = _f(0, "image side in pixels; 0: the data set's")
     teacher: str = _f("cifar_resnet34", "teacher architecture (madfast or torchvision.models name)")
-    teacher_ckpt: typing.Optional[str] = _f(None, "teacher checkpoint written by `madfast train-teacher`")
+    teacher_ckpt: typing.Optional[str] = _f(None, "teacher weights: a `madfast train-teacher` file, a state dict (plain, "
+                                            "{state_dict|model: ...}, module.-prefixed), a CMI/Fast-Datafree CIFAR "
+                                            "ResNet/WRN checkpoint, or torchvision:WEIGHTS (a cached torchvision file)")
+    check_teacher: bool = _f(True, "evaluate the loaded teacher on the test split before distilling (unless its "
+                             "madfast file records it); --no-check-teacher: no teacher accuracy, no ratio")
     student: str = _f("cifar_resnet18", "student architecture (madfast or torchvision.models name)")
     # --- generator G ---
-    nz: int = _f(256, "noise dimension")
+    nz: int = _f(256, "noise dimension [ours: 256]")
     ngf: int = _f(64, "generator width [ours: the common DFKD generator]")
-    conditioning: str = _f("sum", "class conditioning: sum G(z+E[y]) | cat G([z,E[y]]) | uncond G(z)")
-    gen_block: str = _f("conv", "generator up-block: conv | resnet")
-    gen_output: str = _f("tanh", "generator output activation: tanh | sigmoid (mapped to [0, 1], then normalised)")
+    conditioning: str = _f("sum", "class conditioning: sum G(z+E[y]) | cat G([z,E[y]]) | uncond G(z) [paper: sum trains most stably]")
+    gen_block: str = _f("conv", "generator up-block: conv | resnet [paper: both; ours: conv]")
+    gen_output: str = _f("tanh", "generator output activation: tanh | sigmoid (mapped to [0, 1], then normalised) [ours: tanh]")
     # --- MAD schedule ---
-    steps: int = _f(20000, "adversarial iterations (each: g_steps G steps, one EMA step, s_steps student steps)")
-    g_pretrain_steps: int = _f(200, "G pretraining steps on the CE and BN terms alone, before adversarial training [ours: count]")
-    g_steps: int = _f(1, "generator steps per iteration")
-    s_steps: int = _f(10, "student steps per iteration (ABM: 10)")
-    batch_size: int = _f(256, "global batch of generated samples per step, split across ranks")
+    steps: int = _f(20000, "adversarial iterations (each: g_steps G steps, one EMA step, s_steps student steps) [ours: count]")
+    g_pretrain_steps: int = _f(200, "G pretraining steps on the CE and BN terms alone, before adversarial training [paper: a hyperparameter; ours: count]")
+    g_steps: int = _f(1, "generator steps per iteration [practice: ABM 1]")
+    s_steps: int = _f(10, "student steps per iteration [practice: ABM 10]")
+    batch_size: int = _f(256, "global batch of generated samples per step, split across ranks [ours: 256; ABM 128]")
     # --- losses ---
-    adv_bound: typing.Optional[float] = _f(3.0, "δ, bound on the adversarial discrepancy in L_G; none: unbounded [ours: 3]")
-    adv_kind: str = _f("kl", "adversarial discrepancy D: kl (MAD) | l1 (DFAD)")
-    temperature: float = _f(1.0, "τ of the KL divergences")
-    lambda_ce: float = _f(1.0, "weight of CE(T(x), y) in L_G [ours]")
-    lambda_bn: float = _f(1.0, "weight of the teacher BN-statistics loss in L_G [ours; 0.1 stalls on digits]")
-    lambda0: float = _f(1.0, "λ0: weight of the student loss on samples of G")
-    lambda1: float = _f(1.0, "λ1: weight of the student loss on samples of the EMA generator")
+    adv_bound: typing.Optional[float] = _f(3.0, "δ, bound on the adversarial discrepancy in L_G; none: unbounded [paper: δ; ours: 3]")
+    adv_kind: str = _f("kl", "adversarial discrepancy D: kl (MAD) | l1 (DFAD) [paper: kl]")
+    temperature: float = _f(1.0, "τ of the KL divergences [practice: ABM 1]")
+    lambda_ce: float = _f(1.0, "weight of CE(T(x), y) in L_G (uncond: y = T's argmax) [ours]")
+    lambda_bn: float = _f(1.0, "weight of the teacher BN-statistics loss in L_G [ours; 0.1 stalls on digits; practice: 0.05 at ImageNet scale]")
+    lambda0: float = _f(1.0, "λ0: weight of the student loss on samples of G [paper: λ0; ours: 1]")
+    lambda1: float = _f(1.0, "λ1: weight of the student loss on samples of the EMA generator [paper: λ1; ours: 1]")
     # --- EMA generator ---
-    ema: bool = _f(True, "keep the EMA generator G̃ (--no-ema: plain adversarial distillation, the baseline)")
-    ema_decay: float = _f(0.95, "α: G̃ ← α·G̃ + (1−α)·G (paper's best: 0.95)")
+    ema: bool = _f(True, "keep the EMA generator G̃ (--no-ema: plain adversarial distillation, the baseline) [paper]")
+    ema_decay: float = _f(0.95, "α: G̃ ← α·G̃ + (1−α)·G [reported: the paper's best, 0.95]")
     ema_buffers: str = _f("average", "G's float buffers in G̃: average | copy [ours: average]")
     ema_bn: str = _f("batch", "BatchNorm of G̃ when sampling: batch statistics | running (its EMA'd statistics) [ours: batch]")
+    ema_from_pretrained: bool = _f(True, "G̃ ← G when G's pre-training ends, not G's random initialisation "
+                                   "(--no-ema-from-pretrained: the old behaviour) [ours]")
+    share_embedding: bool = _f(False, "G̃ uses G's class embedding table instead of its average [ours: off]")
+    student_eval_in_g_step: bool = _f(True, "student in eval mode in the G step: its BN statistics do not move on "
+                                      "G's batch (--no-…: the old behaviour) [practice: CMI/Fast-Datafree]")
     # --- optimisation ---
-    optimizer_s: str = _f("adam", "student optimiser: adam | sgd (momentum 0.9)")
-    lr_s: float = _f(2e-3, "student learning rate (ABM: Adam 2e-3; Fast-DFKD: SGD 0.1)")
-    weight_decay_s: float = _f(0.0, "student weight decay")
-    lr_g: float = _f(1e-3, "generator learning rate (Adam, betas 0.5, 0.999)")
-    schedule: str = _f("cosine", "learning-rate schedule over the adversarial iterations: cosine | constant")
-    grad_clip: float = _f(5.0, "gradient-norm clipping for G and S; 0: off (ABM: 5)")
+    optimizer_s: str = _f("adam", "student optimiser: adam | sgd (momentum 0.9) [practice: ABM adam, Fast-DFKD sgd]")
+    lr_s: float = _f(2e-3, "student learning rate [practice: ABM Adam 2e-3; Fast-DFKD SGD 0.1]")
+    weight_decay_s: float = _f(0.0, "student weight decay [practice: Fast-DFKD 5e-4]")
+    lr_g: float = _f(1e-3, "generator learning rate (Adam, betas 0.5, 0.999) [practice: ABM 1e-3]")
+    schedule: str = _f("cosine", "learning-rate schedule over the adversarial iterations: cosine | constant [practice: ABM cosine]")
+    grad_clip: float = _f(5.0, "gradient-norm clipping for G and S; 0: off [practice: ABM 5]")
     # --- speed ---
     device: str = _f("auto", "auto | cpu | cuda | cuda:N (torchrun: the local rank's GPU)")
     amp: str = _f("none", "autocast: none | bf16 | fp16 (fp16 adds GradScalers)")
@@ -80,7 +90,7 @@ class DistillConfig:
     eval_every: int = _f(1000, "evaluate the student every N iterations; 0: only at the end")
     ckpt_every: int = _f(1000, "checkpoint every N iterations; 0: only at the end")
     keep_ckpts: int = _f(3, "keep the last K checkpoints")
-    eval_batch_size: int = _f(512, "batch size of evaluation")
+    eval_batch_size: int = _f(512, "evaluation batch size per rank (each rank evaluates its own shard of the test split)")
     num_workers: int = _f(2, "data-loading workers for evaluation")
     tensorboard: bool = _f(True, "also log to TensorBoard (OUT/tb)")
     progress: bool = _f(True, "show a progress bar")
@@ -233,3 +243,27 @@ def config_from_args(cls, args: argparse.Namespace, base: dict | None = None):
 
 def config_to_dict(cfg) -> dict:
     return asdict(cfg)
+
+
+def format_config(cfg, preset: str | None = None, file: dict | None = None, args: argparse.Namespace | None = None) -> str:
+    """The resolved config as YAML (loadable with --config), each line commented with where its value
+    came from: flag, file, preset NAME [paper|reported|practice|ours], or default."""
+    import yaml
+
+    from madfast.train.presets import preset_sources
+
+    sources = preset_sources(preset) if preset else {}
+    lines = [f"# madfast {type(cfg).__name__}" + (f", preset {preset}" if preset else "") +
+             " (flag > --config file > preset > default)"]
+    for f in fields(cfg):
+        if args is not None and getattr(args, f.name, None) is not None:
+            src = "flag"
+        elif file and f.name in file:
+            src = "file"
+        elif f.name in sources:
+            src = f"preset {preset} [{sources[f.name]}]"
+        else:
+            src = "default"
+        value = yaml.safe_dump({f.name: getattr(cfg, f.name)}, default_flow_style=True, width=1 << 16).strip()
+        lines.append(f"{value.strip('{}')}  # {src}")
+    return "\n".join(lines) + "\n"

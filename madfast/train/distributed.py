@@ -46,6 +46,8 @@ def setup(device: str = "auto") -> DistContext:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = _pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest kernels
     if world == 1:
         return DistContext(0, 1, dev)
     if dev.type == "cuda":

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict
 
 import torch
@@ -17,9 +18,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
-from madfast.data import Normalize, build_dataset, dataset_info
+from madfast.data import Normalize, build_dataset, dataset_info, folder_index
 from madfast.errors import CheckpointError, UsageError
 from madfast.models import Generator, build_model
+from madfast.models.checkpoints import load_teacher_weights
 from madfast.train import checkpoint as ckpt
 from madfast.train.config import DistillConfig, TeacherConfig
 from madfast.train.distributed import DistContext, assert_identical, gather, setup, teardown, wrap
@@ -48,6 +50,28 @@ def _check_split(batch_size: int) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if batch_size % world:
         raise UsageError(f"--batch-size {batch_size} is not divisible by the {world} ranks")
+
+
+def _reseed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + rank + 1) % (2**63)
+
+
+def shared_test_set(name: str, data_dir: str | None, img_size: int, ctx: DistContext):
+    """The test split; under torchrun rank 0 alone scans an ImageFolder's folder and hands its file
+    list to the other ranks (a data error on rank 0 is raised on every rank)."""
+    if not ctx.distributed:
+        return build_dataset(name, "test", data_dir, img_size)
+    box: list = [None]
+    if ctx.is_main:
+        try:
+            test_set = build_dataset(name, "test", data_dir, img_size)
+            box = [folder_index(test_set)]
+        except UsageError as e:
+            box = [e]
+    dist.broadcast_object_list(box, 0)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return test_set if ctx.is_main else build_dataset(name, "test", data_dir, img_size, index=box[0])
 
 
 def _check_fresh_out(out: str) -> None:
@@ -79,10 +103,10 @@ def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_afte
     if state is not None and state.get("format") != "madfast-distill/1":
         raise CheckpointError(f"--resume {resume!r}: not a `madfast distill` checkpoint")
     info = dataset_info(cfg.dataset, cfg.data_dir, cfg.img_size or None)
-    test_set = build_dataset(cfg.dataset, "test", cfg.data_dir, info.img_size)
+    test_set = shared_test_set(cfg.dataset, cfg.data_dir, info.img_size, ctx)
     torch.manual_seed(cfg.seed)  # same initialisation on every rank
     teacher = build_model(cfg.teacher, info.num_classes, info.channels)
-    teacher_file = ckpt.load_teacher(cfg.teacher_ckpt, teacher, cfg.teacher, info.num_classes, info.channels)
+    teacher_file = load_teacher_weights(cfg.teacher_ckpt, teacher, cfg.teacher, info.num_classes, info.channels)
     student = build_model(cfg.student, info.num_classes, info.channels)
     generator = Generator(cfg.nz, info.num_classes, info.img_size, info.channels, cfg.ngf, cfg.conditioning,
                           cfg.gen_block, cfg.gen_output, backend=cfg.backend)
@@ -90,26 +114,41 @@ def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_afte
     task = MADTask(cfg, teacher, student, generator, normalize, ctx)
     start = 0
     if state is not None:
-        if len(state["noise"]) != ctx.world_size:
-            raise CheckpointError(f"--resume {resume!r} was written by {len(state['noise'])} ranks, "
-                                  f"this run has {ctx.world_size}")
         task.load_state_dict(state["task"])
-        task.noise.set_state(state["noise"][ctx.rank])
-        ckpt.set_rng_state(state["rng"][ctx.rank])
         start = state["step"]
+        saved_world = len(state["noise"])
+        if saved_world == ctx.world_size:  # exact continuation
+            task.noise.set_state(state["noise"][ctx.rank])
+            ckpt.set_rng_state(state["rng"][ctx.rank])
+        else:
+            # Another world size: the global batch is kept, each rank's noise stream is re-seeded
+            # from (seed, step, rank) — a valid continuation, not bit-exact with either run.
+            task.noise.manual_seed(_reseed(cfg.seed, start, ctx.rank))
+            ckpt.set_rng_state(state["rng"][ctx.rank % saved_world])
+            if ctx.is_main:
+                warnings.warn(f"--resume {resume!r}: written by {saved_world} ranks, continued on {ctx.world_size}; "
+                              "noise streams re-seeded (not bit-exact)", RuntimeWarning, stacklevel=2)
     else:  # on every rank, so that all of them stop
         _check_fresh_out(cfg.out)
     total = cfg.g_pretrain_steps + cfg.steps
 
-    loader = eval_loader(test_set, cfg.eval_batch_size, 0 if cfg.dataset == "digits" else cfg.num_workers)
+    loader = eval_loader(test_set, cfg.eval_batch_size, 0 if cfg.dataset == "digits" else cfg.num_workers, ctx)
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+
+    def accuracy(model) -> float:  # on every rank (each its shard), same number everywhere
+        return evaluate(model, loader, normalize, ctx.device, cfg.channels_last, ctx, amp)["acc"]
+
     main = ctx.is_main
+    same_data = (teacher_file.get("dataset"), teacher_file.get("img_size")) == (cfg.dataset, info.img_size)
+    teacher_acc = teacher_file["test_acc"] if same_data else None
+    if teacher_acc is None and cfg.check_teacher:
+        teacher_acc = accuracy(task.teacher)
     if main:
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=2)
-        same_data = (teacher_file.get("dataset"), teacher_file.get("img_size")) == (cfg.dataset, info.img_size)
-        teacher_acc = (teacher_file["test_acc"] if same_data and teacher_file.get("test_acc") is not None
-                       else evaluate(task.teacher, loader, normalize, ctx.device, cfg.channels_last)["acc"])
+        if teacher_acc is not None and cfg.progress:
+            print(f"teacher {cfg.teacher!r} test accuracy {teacher_acc:.2f}% (before distilling)", flush=True)
     logger = RunLogger(cfg.out, [*LOSS_COLUMNS, "lr_g", "lr_s", "samples_per_s", "student_acc"],
                        cfg.tensorboard, start) if main else None
     # Every generated image counts: G steps, and G (+ G̃) samples of the student steps.
@@ -164,8 +203,8 @@ def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_afte
                 continue
             values = check_pending()
             row = dict(zip(names, values))
-            if main and evaluating:
-                student_acc = evaluate(task.student_raw, loader, normalize, ctx.device, cfg.channels_last)["acc"]
+            if evaluating:
+                student_acc = accuracy(task.student_raw)
                 row["student_acc"] = student_acc
             if main and logging:
                 now = time.perf_counter()
@@ -182,15 +221,23 @@ def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_afte
             logger.close()
     if not main:
         return {}
-    save_sample_grid(task, os.path.join(cfg.out, "samples.png"))
-    save_curves(logger.path, os.path.join(cfg.out, "curves.png"))
     summary = {"teacher_acc": teacher_acc, "student_acc": student_acc, "step": step, "total_steps": total,
                "seconds": time.perf_counter() - t0, "finished": step == total}
     if student_acc is not None and teacher_acc:
         summary["ratio"] = student_acc / teacher_acc
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
+    # The figures come last and never fail the run: its checkpoint and summary are already written.
+    _report("samples.png", lambda: save_sample_grid(task, os.path.join(cfg.out, "samples.png")))
+    _report("curves.png", lambda: save_curves(logger.path, os.path.join(cfg.out, "curves.png")))
     return summary
+
+
+def _report(name: str, write) -> None:
+    try:
+        write()
+    except Exception as e:  # noqa: BLE001 — any plotting/memory error: warn, keep the run's results
+        warnings.warn(f"could not write {name}: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
 
 
 def train_teacher(cfg: TeacherConfig) -> dict:
@@ -208,7 +255,7 @@ def _train_teacher(cfg: TeacherConfig, ctx: DistContext) -> dict:
     info = dataset_info(cfg.dataset, cfg.data_dir, cfg.img_size or None)
     train_set = build_dataset(cfg.dataset, "train", cfg.data_dir, info.img_size,
                               augment=cfg.augment and cfg.dataset != "digits")
-    test_set = build_dataset(cfg.dataset, "test", cfg.data_dir, info.img_size)
+    test_set = shared_test_set(cfg.dataset, cfg.data_dir, info.img_size, ctx)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, info.num_classes, info.channels)
     if ctx.is_main:
@@ -232,6 +279,7 @@ def _train_teacher(cfg: TeacherConfig, ctx: DistContext) -> dict:
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.amp == "fp16")
     normalize = Normalize(info.mean, info.std).to(ctx.device)
+    test_loader = eval_loader(test_set, 512, workers, ctx)
     logger = RunLogger(cfg.out, ["loss", "lr", "test_acc"], tensorboard=False) if ctx.is_main else None
     t0 = time.perf_counter()
     bar = _progress(cfg.epochs * len(loader), 0, cfg.progress and ctx.is_main, "teacher")
@@ -255,8 +303,8 @@ def _train_teacher(cfg: TeacherConfig, ctx: DistContext) -> dict:
                 raise NonFiniteLossError(f"loss is {loss.item()} in epoch {epoch + 1}; stopped")
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3g}")
+        acc = evaluate(model, test_loader, normalize, ctx.device, cfg.channels_last, ctx, amp)["acc"]
         if ctx.is_main:
-            acc = evaluate(model, eval_loader(test_set, 512, workers), normalize, ctx.device, cfg.channels_last)["acc"]
             logger.log(epoch + 1, {"loss": total_loss / len(loader), "lr": opt.param_groups[0]["lr"], "test_acc": acc})
     bar.close()
     if not ctx.is_main:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -52,9 +53,14 @@ class MADTask:
             for m in self.ema.module.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.track_running_stats = False
+        if self.ema is not None and cfg.share_embedding and self.g_raw.embed is not None:
+            # G̃ conditions through G's own class table (not an average of it): one label, one code.
+            self.ema.module.embed = self.g_raw.embed
         self.to_input = input_pipeline(cfg.gen_output, normalize.to(self.device), cfg.channels_last)
         self.kl = KLDivLoss(cfg.temperature, backend=cfg.backend)
         self.adversarial = AdversarialLoss(cfg.adv_bound, cfg.adv_kind, cfg.temperature, backend=cfg.backend)
+        # Under DDP the bound applies to the mean over all ranks' samples (see _adversarial).
+        self.discrepancy = AdversarialLoss(None, cfg.adv_kind, cfg.temperature, backend=cfg.backend)
 
         self.opt_g = torch.optim.Adam(self.g_raw.parameters(), lr=cfg.lr_g, betas=(0.5, 0.999))
         if cfg.optimizer_s == "adam":
@@ -71,9 +77,14 @@ class MADTask:
         # Per-rank noise stream: ranks see different samples, and its state is checkpointed.
         self.noise = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + ctx.rank + 1)
         self._teacher_f, self._student_f, self._gen_f = self.teacher, self.student, self.generator
+        # the forwards outside DDP: G's and G̃'s sampling, the student's in the G step
+        self._g_sample_f, self._student_g_f = self.g_raw, self.student_raw
+        self._ema_f = self.ema.module if self.ema is not None else None
         if cfg.compile:
             compile_ = lambda m: torch.compile(m, mode=cfg.compile_mode)  # noqa: E731
             self._teacher_f, self._student_f, self._gen_f = compile_(self.teacher), compile_(self.student), compile_(self.generator)
+            self._g_sample_f, self._student_g_f = compile_(self.g_raw), compile_(self.student_raw)
+            self._ema_f = compile_(self.ema.module) if self.ema is not None else None
 
     def _schedule(self, opt: torch.optim.Optimizer):
         if self.cfg.schedule == "cosine":
@@ -103,16 +114,39 @@ class MADTask:
             x = self.to_input(self._gen_f(z, y))
             t = self._teacher_f(x)
             bn = self.bn_hook.loss
-            ce = F.cross_entropy(t.float(), y)
+            # uncond: G never sees y, so the CE target is the teacher's own class (as CMI/Fast-Datafree do)
+            target = t.detach().argmax(1) if cfg.conditioning == "uncond" else y
+            ce = F.cross_entropy(t.float(), target)
             loss = cfg.lambda_ce * ce + cfg.lambda_bn * bn
             out = {"g_ce": ce.detach(), "g_bn": bn.detach()}
             if not pretrain:
-                # The student outside DDP: no gradient reaches its weights here.
-                adv = self.adversarial(self.student_raw(x).float(), t.float())
+                # The student outside DDP: no gradient reaches its weights here; in eval mode (by
+                # default) its BN running statistics do not move on the G step's batch either.
+                was_training = self.student_raw.training
+                self.student_raw.train(not cfg.student_eval_in_g_step)
+                try:
+                    adv = self._adversarial(self._student_g_f(x).float(), t.float())
+                finally:
+                    self.student_raw.train(was_training)
                 loss = loss + adv
                 out["g_adv"] = adv.detach()
         self._step(loss, self.opt_g, self.scaler_g, list(self.g_raw.parameters()))
         return {"g_loss": loss.detach(), **out}
+
+    def _adversarial(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """−min(D, δ) with D the mean discrepancy over every rank's samples. Under DDP each rank's term
+        is −D_rank while the global D is below δ, else the constant −δ: DDP's gradient average then
+        is exactly ∇(−min(D, δ)); the value returned is the global one (one small all-reduce, no sync)."""
+        if not self.ctx.distributed or self.cfg.adv_bound is None:
+            return self.adversarial(s, t)
+        local = self.discrepancy(s, t)  # −D_rank
+        d = -local.detach().clone()
+        dist.all_reduce(d)
+        d /= self.ctx.world_size
+        bound = self.cfg.adv_bound
+        term = torch.where(d < bound, local, torch.full_like(local, -bound))
+        # value: −min(D, δ) of the global mean; gradient: that of ``term``
+        return term + (-torch.clamp(d, max=bound) - term).detach()
 
     @torch.no_grad()
     def ema_step(self) -> None:
@@ -123,9 +157,9 @@ class MADTask:
     def _samples(self) -> torch.Tensor:
         """A batch of G, then (with the EMA) a batch of G̃, concatenated; no gradient to either."""
         with torch.no_grad(), self.autocast():
-            xs = [self.g_raw(*self._codes(self.batch))]
+            xs = [self._g_sample_f(*self._codes(self.batch))]
             if self.ema is not None:
-                xs.append(self.ema.module(*self._codes(self.batch)))
+                xs.append(self._ema_f(*self._codes(self.batch)))
             return self.to_input(torch.cat(xs))
 
     def student_step(self) -> dict[str, torch.Tensor]:
@@ -162,6 +196,10 @@ class MADTask:
         """Step ``step`` of the run: a G pretraining step, or g_steps G steps + EMA + s_steps S steps."""
         if step < self.cfg.g_pretrain_steps:
             return self.generator_step(pretrain=True)
+        if step == self.cfg.g_pretrain_steps and self.ema is not None and self.cfg.ema_from_pretrained:
+            # G̃ starts from the pre-trained G, not from G's random initialisation [ours]
+            broadcast_buffers(self.g_raw, self.ctx)
+            self.ema.set(self.g_raw)
         losses = {}
         for _ in range(self.cfg.g_steps):
             losses.update(self.generator_step())
