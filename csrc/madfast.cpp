@@ -14,9 +14,13 @@ extern "C" PyObject* PyInit__C(void) {
 #endif
 
 TORCH_LIBRARY(madfast, m) {
-  // ema <- ema + (1 - decay) * (tensor - ema), in place, in fp32 (fp64 for fp64);
-  // non-floating pairs are copied. decay: 0-d floating tensor.
-  m.def("ema_update_(Tensor(a!)[] ema_tensors, Tensor[] tensors, Tensor decay) -> ()");
+  // ema <- lerp(ema, tensor, 1 - decay), in place, in fp32 (fp64 for an fp64 EMA); decay 0 copies
+  // exactly; non-floating pairs are copied. decay: a 0-d floating tensor, else decay_value (1 - decay
+  // formed in double). sr_seed >= 0: fp16/bf16 EMAs rounded stochastically, with random bits hashed
+  // from (sr_seed, sr_step, pair index, element index). host_table/table: a plan's cached pointer
+  // table (CUDA; rebuilt in place only when a tensor's storage changes).
+  m.def("ema_update_(Tensor(a!)[] ema_tensors, Tensor[] tensors, Tensor? decay, float decay_value=0., "
+        "int sr_seed=-1, int sr_step=0, Tensor(b!)? host_table=None, Tensor(c!)? table=None) -> ()");
 
   // Per-row logit losses with the gradients of each row's loss, in one pass over the row.
   // kl_div_fwd -> (loss (B,), d loss_i/d s (B, C) or empty, d loss_i/d t (B, C) or empty), where

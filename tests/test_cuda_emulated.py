@@ -167,8 +167,52 @@ def test_emulated_ema_update(emulated):
     ours = [(e.clone(), p) for e, p in pairs]
     theirs = [(e.clone(), p) for e, p in pairs]
     decay = torch.tensor(0.9)
-    emulated.ema_update_([e for e, _ in ours], [p for _, p in ours], decay)
+    emulated.ema_update_([e for e, _ in ours], [p for _, p in ours], decay, 0.0, -1, 0, None, None)
     torch.ops.madfast.ema_update_([e for e, _ in theirs], [p for _, p in theirs], decay)
     for (a, _), (b, _), (before, _) in zip(ours, theirs, pairs):
         assert not torch.equal(a, before) or torch.equal(b, before)
-        torch.testing.assert_close(a, b)  # the CPU kernel rounds its lerp differently near 0
+        assert torch.equal(a, b)  # the same per-element math (csrc/ema.h), fma included
+    # stochastic rounding: the same hashed bits on both (pair and element indices, vector and tail paths)
+    ours = [(e.clone(), p) for e, p in pairs]
+    theirs = [(e.clone(), p) for e, p in pairs]
+    emulated.ema_update_([e for e, _ in ours], [p for _, p in ours], None, 0.999, 5, 9, None, None)
+    torch.ops.madfast.ema_update_([e for e, _ in theirs], [p for _, p in theirs], None, 0.999, 5, 9)
+    for (a, _), (b, _) in zip(ours, theirs):
+        assert torch.equal(a, b)
+
+
+def test_emulated_ema_cached_table(emulated):
+    """A plan's (host_table, table): built on the first call, reused while the tensors keep their
+    storage, rebuilt when one changes -- a stale table would update the old storage."""
+    g = torch.Generator().manual_seed(7)
+    ema = [torch.randn(5000, generator=g), torch.randn(3, generator=g), torch.randn(7, generator=g).bfloat16(),
+           torch.zeros(2, dtype=torch.long)]
+    cur = [torch.randn(5000, generator=g), torch.randn(3, generator=g), torch.randn(7, generator=g).bfloat16(),
+           torch.ones(2, dtype=torch.long)]
+    host, table = torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+
+    def step(decay):
+        expected = [(e.double() + (1 - decay) * (p.double() - e.double())).to(e.dtype) if e.is_floating_point()
+                    else p.clone() for e, p in zip(ema, cur)]
+        emulated.ema_update_(ema, cur, None, decay, -1, 0, host, table)
+        for a, b in zip(ema, expected):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=8e-3 if a.dtype == torch.bfloat16 else 1e-6)
+
+    step(0.5)
+    rows = host.clone()
+    # rows: (ema address, tensor address, numel, first CTA, pair index), fp32 group then bf16
+    assert rows.tolist() == [[ema[0].data_ptr(), cur[0].data_ptr(), 5000, 0, 0], [ema[1].data_ptr(), cur[1].data_ptr(),
+                             3, 2, 1], [ema[2].data_ptr(), cur[2].data_ptr(), 7, 0, 2]]
+    assert torch.equal(table, rows)
+    table_storage = table.data_ptr()
+    step(0.75)
+    assert torch.equal(host, rows) and table.data_ptr() == table_storage  # reused, not rebuilt
+    old = ema[1]
+    ema[1] = old.clone()  # new storage
+    ema[1].data = ema[1].data.clone()
+    step(0.25)
+    assert host[1, 0].item() == ema[1].data_ptr() and torch.equal(table, host)
+    assert not torch.equal(old, ema[1])  # the old storage was left alone
+    ema[0].data = ema[0].data.double()  # dtype changed: regrouped (fp64 group first)
+    step(0.5)
+    assert host[0, 0].item() == ema[0].data_ptr()

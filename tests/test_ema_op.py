@@ -27,8 +27,15 @@ def _pairs(shapes, dtype, device, param_dtype=None, seed=0):
 
 
 def _reference(ema, cur, decay):
-    out = [e.clone() for e in ema]
-    torch_ema_update_(out, cur, decay if isinstance(decay, torch.Tensor) else torch.tensor(decay, dtype=torch.float64))
+    """Independent of the package: e + (1 − decay)(p − e) in fp64, rounded once to the EMA's dtype;
+    decay 0 copies; non-floating pairs copied."""
+    d = decay.double().item() if isinstance(decay, torch.Tensor) else float(decay)
+    out = []
+    for e, p in zip(ema, cur):
+        if not e.is_floating_point() or d == 0:
+            out.append(p.clone().to(e.dtype))
+        else:
+            out.append((e.double() + (1 - d) * (p.double() - e.double())).to(e.dtype))
     return out
 
 
@@ -48,7 +55,7 @@ def test_reference_matches_formula_in_float64():
     ema, cur = _pairs([(3, 5), (7,)], torch.float64, "cpu")
     expected = [e + (1 - 0.9) * (p - e) for e, p in zip(ema, cur)]
     torch_ema_update_(ema, cur, torch.tensor(0.9, dtype=torch.float64))
-    _assert_close(ema, expected)
+    torch.testing.assert_close(ema, expected, atol=1e-15, rtol=1e-14)
 
 
 @pytest.mark.parametrize("device,backend", CASES)
@@ -139,7 +146,8 @@ def test_bad_input_raises_and_modifies_nothing(device, backend):
         (ValueError, "same length", (ema, cur[:1], 0.9)),
         (ValueError, "shape mismatch at index 1", (ema, [cur[0], torch.zeros(4, device=device)], 0.9)),
         (TypeError, "ema_tensors\\[0\\].*copied", ([torch.zeros(4, dtype=torch.long, device=device), ema[1]], cur, 0.9)),
-        (TypeError, "cannot track", (ema, [cur[0].double(), cur[1]], 0.9)),
+        (TypeError, "cannot track", (ema, [cur[0].long(), cur[1]], 0.9)),
+        (TypeError, "complex", ([ema[0].to(torch.complex64), ema[1]], [cur[0].to(torch.complex64), cur[1]], 0.9)),
         (ValueError, "decay must be in \\[0, 1\\]", (ema, cur, 1.5)),
         (ValueError, "decay must be in \\[0, 1\\]", (ema, cur, -0.1)),
         (ValueError, "decay must be a float or a 0-d", (ema, cur, torch.ones(2))),
@@ -167,7 +175,7 @@ def test_compiled_kernel_checks_its_own_arguments(device):
     with pytest.raises(ValueError, match="shape mismatch at index 1"):
         torch.ops.madfast.ema_update_(ema, [cur[0], cur[0]], torch.tensor(0.5))
     with pytest.raises(TypeError, match="cannot track"):
-        torch.ops.madfast.ema_update_(ema, [cur[0].double(), cur[1]], torch.tensor(0.5))
+        torch.ops.madfast.ema_update_(ema, [cur[0].long(), cur[1]], torch.tensor(0.5))
 
 
 @pytest.mark.parametrize("device,backend", [c for c in CASES if c[1] != "torch"])
@@ -194,3 +202,167 @@ def test_compile_fullgraph(device, backend):
         expected = _reference(ema, cur, decay)
         step(ema, cur, decay)
         _assert_close(ema, expected)
+
+
+# ---- issue #12: exact copies, 1 − decay in double, stochastic rounding, the cached table ----
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("tensor_decay", [False, True])
+def test_decay_zero_copies_exactly(device, backend, tensor_decay):
+    """timm's set() and warm-up steps use copy_: NaN and 1e8 in the EMA must not survive."""
+    skip_unless_available("ema_update_", backend, device)
+    ema = [torch.tensor([float("nan"), 1e8, -3.0, 0.5], device=device),
+           torch.tensor([1e8, float("nan")], device=device),  # fp32 EMA of a bf16 tensor
+           torch.tensor([float("inf"), 7.0], device=device, dtype=torch.bfloat16)]
+    cur = [torch.tensor([0.64, 0.64, 2.0, -1e-30], device=device),
+           torch.tensor([0.64, -2.5], device=device, dtype=torch.bfloat16),
+           torch.tensor([0.64, 1e30], device=device, dtype=torch.bfloat16)]
+    decay = torch.tensor(0.0, device=device) if tensor_decay else 0.0
+    ema_update_(ema, cur, decay, backend=backend)
+    for e, p in zip(ema, cur):
+        assert torch.equal(e, p.to(e.dtype)), (e, p)
+
+
+def _f32(x: float) -> float:
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("decay", [0.9999, 0.99999, 0.999999])
+def test_one_minus_decay_is_formed_in_double(device, backend, decay):
+    """e = 0, p = 1: the fp32 result is the weight itself, fp32(1 − decay). Rounding decay to fp32
+    first is off by 1.7e-4 .. 1.3e-2 (relative) at these decays."""
+    skip_unless_available("ema_update_", backend, device)
+    want = _f32(1 - decay)
+    assert abs(_f32(1 - _f32(decay)) - want) / want > 1e-4  # the bug this test is about is visible
+    for d in (decay, torch.tensor(decay, dtype=torch.float64, device=device)):
+        ema, cur = [torch.zeros(5, device=device)], [torch.ones(5, device=device)]
+        ema_update_(ema, cur, d, backend=backend)
+        assert ema[0].tolist() == [want] * 5, (d, ema[0][0].item(), want)
+    # an fp32 decay tensor is the caller's rounding: 1 − fp32(decay), exact in fp32 (Sterbenz)
+    ema = [torch.zeros(3, device=device)]
+    ema_update_(ema, [torch.ones(3, device=device)], torch.tensor(decay, device=device), backend=backend)
+    assert ema[0].tolist() == [_f32(1 - _f32(decay))] * 3
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matches_torch_lerp(device, backend, dtype):
+    """What timm's _foreach_lerp_ computes, weight 1 − decay on both sides of torch's 0.5 switch."""
+    skip_unless_available("ema_update_", backend, device)
+    for decay in (0.999, 0.25):
+        ema, cur = _pairs([(4099,), (3, 5)], dtype, device, seed=7)
+        expected = [torch.lerp(e, p, 1.0 - decay) for e, p in zip(ema, cur)]
+        ema_update_(ema, cur, decay, backend=backend)
+        for a, b in zip(ema, expected):
+            ulp = torch.finfo(dtype).eps * b.double().abs().clamp_min(torch.finfo(dtype).tiny)
+            # same formula; the only freedom left is a fused multiply-add in torch's scalar tail loop
+            assert ((a.double() - b.double()).abs() <= ulp).all()
+            if not (backend == "triton" and device == "cpu"):  # the interpreter truncates fp32 → bf16
+                assert (a == b).double().mean() > 0.99
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_any_pair_of_floating_dtypes(device, backend):
+    """timm's dtype=: an EMA in another precision than the model, both ways."""
+    skip_unless_available("ema_update_", backend, device)
+    dtypes = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+    ema = [torch.randn(37, generator=torch.Generator().manual_seed(i)).to(device=device, dtype=e)
+           for i, (e, _) in enumerate((a, b) for a in dtypes for b in dtypes)]
+    cur = [torch.randn(37, generator=torch.Generator().manual_seed(100 + i)).to(device=device, dtype=p)
+           for i, (_, p) in enumerate((a, b) for a in dtypes for b in dtypes)]
+    _update_and_compare(ema, cur, 0.7, backend)
+
+
+def _mix64(z):
+    m = (1 << 64) - 1
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+def _sr_expected(e, p, decay, seed, step, pair):
+    """Stochastic rounding written out: the fp32 lerp v, its two neighbours in the EMA's dtype by
+    nextafter, and the uniform number hashed from (seed, step, pair, element) with Python ints."""
+    w = torch.tensor(1.0 - decay, dtype=torch.float32).double()
+    v = (w * (p.float() - e.float()).double() + e.double()).float()  # fma(w, p − e, e): one rounding
+    key = _mix64(_mix64(_mix64(seed) ^ step) ^ pair)
+    u = torch.tensor([(_mix64((key + i * 0x9E3779B97F4A7C15) & ((1 << 64) - 1)) >> 40) / 2**24
+                      for i in range(e.numel())], dtype=torch.float64)
+    near = v.to(e.dtype)
+    down = torch.where(near.double().abs() > v.double().abs(), torch.nextafter(near, torch.zeros_like(near)), near)
+    up = torch.nextafter(down, torch.where(v < 0, -torch.inf, torch.inf).to(e.dtype))
+    lo, hi = down.float().abs(), up.float().abs()
+    prob = (v.abs() - lo) / (hi - lo)  # in fp32, as the kernels compute it
+    return torch.where(u.view(e.shape) < prob.double(), up, down)
+
+
+@pytest.mark.parametrize("device,backend", [c for c in CASES if c[1] != "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding_bits(device, backend, dtype):
+    skip_unless_available("ema_update_", backend, device)
+    g = torch.Generator().manual_seed(11)
+    e16 = (torch.randn(5000, generator=g) * 4).to(dtype)
+    p16 = (torch.randn(5000, generator=g) * 4).to(dtype)
+    p32 = torch.randn(33, generator=g)
+    pairs = [(e16, p16), (torch.randn(33, generator=g).to(dtype), p32)]  # second: a bf16/fp16 EMA of fp32
+    ema = [e.clone().to(device) for e, _ in pairs]
+    for step in (0, 5):
+        ema = [e.clone().to(device) for e, _ in pairs]
+        ema_update_(ema, [p.to(device) for _, p in pairs], 0.9, backend=backend, stochastic_rounding_seed=3,
+                    stochastic_rounding_step=step)
+        for i, ((e, p), out) in enumerate(zip(pairs, ema)):
+            expected = _sr_expected(e, p, 0.9, 3, step, i)
+            assert torch.equal(out.cpu(), expected), (step, i, (out.cpu() != expected).sum().item())
+            # both neighbours occur: it is not round-to-nearest
+            assert (out.cpu() != torch.lerp(e.float(), p.float(), 0.1).to(dtype)).any()
+
+
+@pytest.mark.parametrize("device,backend", [c for c in CASES if c[1] != "triton"])
+def test_stochastic_rounding_accumulates_updates_below_resolution(device, backend):
+    """bf16 at 1.0 has ulp 2^-7; each update moves it by (1 − decay)·0.01 ≈ 2^-17. Round to nearest
+    never moves; stochastic rounding follows the exact fp64 EMA on average."""
+    skip_unless_available("ema_update_", backend, device)
+    n, steps, decay = 20000, 300, 0.999
+    nearest = [torch.ones(n, dtype=torch.bfloat16, device=device)]
+    sr = [torch.ones(n, dtype=torch.bfloat16, device=device)]
+    target = [torch.full((n,), 1.01, dtype=torch.bfloat16, device=device)]
+    exact = 1.0
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # honoured: no atomics, seeded bits
+    try:
+        for step in range(steps):
+            ema_update_(nearest, target, decay, backend=backend)
+            ema_update_(sr, target, decay, backend=backend, stochastic_rounding_seed=0, stochastic_rounding_step=step)
+            exact += (1 - decay) * (target[0][0].double().item() - exact)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert torch.equal(nearest[0], torch.ones_like(nearest[0]))
+    moved = exact - 1.0  # ≈ 0.0026
+    mean = sr[0].double().mean().item() - 1.0
+    assert abs(mean - moved) < 0.05 * moved, (mean, moved)
+
+
+@pytest.mark.parametrize("device,backend", [c for c in CASES if c[1] != "triton"])
+def test_stochastic_rounding_is_reproducible(device, backend):
+    skip_unless_available("ema_update_", backend, device)
+    outs = []
+    for seed, step in ((1, 2), (1, 2), (1, 3), (2, 2)):
+        ema, cur = _pairs([(3000,)], torch.bfloat16, device, seed=4)
+        ema_update_(ema, cur, 0.99, backend=backend, stochastic_rounding_seed=seed, stochastic_rounding_step=step)
+        outs.append(ema[0])
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], outs[2]) and not torch.equal(outs[0], outs[3])
+    ema, cur = _pairs([(10,)], torch.float32, device)
+    before = ema[0].clone()
+    ema_update_(ema, cur, 0.5, backend=backend, stochastic_rounding_seed=1)  # fp32 EMAs: no effect
+    torch.testing.assert_close(ema[0], _reference([before], cur, 0.5)[0])
+
+
+def test_triton_refuses_stochastic_rounding():
+    skip_unless_available("ema_update_", "triton", "cpu")
+    ema, cur = _pairs([(4,)], torch.bfloat16, "cpu")
+    with pytest.raises(NotImplementedError, match="stochastic rounding"):
+        ema_update_(ema, cur, 0.5, backend="triton", stochastic_rounding_seed=0)
+    with pytest.raises(ValueError, match="stochastic_rounding_seed"):
+        ema_update_(ema, cur, 0.5, backend="torch", stochastic_rounding_seed=-1)

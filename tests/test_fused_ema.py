@@ -1,12 +1,14 @@
 """FusedEMA against ModelEmaV3's semantics, written out here, and AveragedModel interop."""
 
 import copy
+import inspect
+import io
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import DEVICES
+from conftest import DEVICES, rel_err, requires_cuda
 from madfast import FusedEMA, ema_multi_avg_fn
 
 
@@ -174,3 +176,205 @@ def test_training_step_with_update_compiles_fullgraph(device, backend):
         eager_model.zero_grad()
     for a, b in zip(ema.module.state_dict().values(), eager_ema.module.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ---- issue #12: timm 1.0.31 parity, exact copies, the cached plan ----
+
+# timm 1.0.31's ModelEmaV3.__init__, written out so that the test runs without timm
+TIMM_1_0_31_PARAMS = [("model", inspect.Parameter.empty), ("decay", 0.9999), ("min_decay", 0.0),
+                      ("update_after_step", 0), ("use_warmup", False), ("warmup_gamma", 1.0),
+                      ("warmup_power", 2 / 3), ("device", None), ("dtype", None), ("stochastic_rounding", True),
+                      ("stochastic_rounding_seed", 0), ("foreach", True), ("exclude_buffers", False)]
+
+
+def test_signature_and_methods_match_model_ema_v3():
+    params = list(inspect.signature(FusedEMA.__init__).parameters.values())[1:]
+    positional = [(p.name, p.default) for p in params if p.kind == p.POSITIONAL_OR_KEYWORD]
+    assert positional == TIMM_1_0_31_PARAMS
+    assert [p.name for p in params if p.kind == p.KEYWORD_ONLY] == ["backend"]
+    for method in ("update", "get_decay", "set", "apply_update_", "apply_update_no_buffers_", "forward"):
+        assert callable(getattr(FusedEMA, method))
+    timm = pytest.importorskip("timm.utils.model_ema")
+    theirs = list(inspect.signature(timm.ModelEmaV3.__init__).parameters.values())[1:]
+    assert positional == [(p.name, p.default) for p in theirs]
+    ema = FusedEMA(Net(), 0.5, 0.1, 2, True, 2.0, 0.5, "cpu", torch.float64, False, 7, False, True)
+    assert (ema.decay, ema.min_decay, ema.update_after_step, ema.use_warmup, ema.warmup_gamma, ema.warmup_power,
+            ema.device, ema.dtype, ema.stochastic_rounding, ema.stochastic_rounding_seed, ema.foreach,
+            ema.exclude_buffers) == (0.5, 0.1, 2, True, 2.0, 0.5, torch.device("cpu"), torch.float64, False, 7,
+                                     False, True)
+    assert ema.module.fc.weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_set_and_warmup_steps_copy_exactly(device, backend):
+    model = Net().to(device)
+    ema = FusedEMA(model, decay=0.9, update_after_step=2, backend=backend)
+    with torch.no_grad():
+        ema.module.fc.weight.fill_(float("nan"))
+        ema.module.fc.bias.fill_(1e8)
+    ema.set(model)
+    for a, b in zip(ema.module.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        ema.module.fc.weight.fill_(float("nan"))
+        model.fc.weight.add_(1)
+    for step in range(4):  # get_decay is 0 for steps <= update_after_step + 1
+        ema.update(model, step=step)
+        assert torch.equal(ema.module.fc.weight, model.fc.weight), step
+
+
+def test_complex_parameters_are_refused():
+    model = nn.Linear(3, 3)
+    model.weight = nn.Parameter(torch.randn(3, 3, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="complex"):
+        FusedEMA(model)
+
+
+class _Tiny(nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        self.lin = nn.Linear(67, 33).to(dtype)
+        self.bn = nn.BatchNorm1d(33).to(dtype)
+
+    def forward(self, x):
+        return self.bn(self.lin(x))
+
+
+@pytest.mark.parametrize("dtype,ema_dtype", [(torch.float32, None), (torch.float64, None), (torch.float16, None),
+                                             (torch.bfloat16, None), (torch.bfloat16, torch.float32)],
+                         ids=["fp32", "fp64", "fp16", "bf16", "bf16-model-fp32-ema"])
+@pytest.mark.parametrize("exclude_buffers", [False, True])
+def test_60_steps_against_timm_model_ema_v3(dtype, ema_dtype, exclude_buffers):
+    """A differential test against timm 1.0.31 itself (skipped without timm): warm-up, the decay-0
+    steps, buffers; round to nearest on both sides (timm's bf16 stochastic rounding draws from
+    torch's generator, ours hashes)."""
+    timm = pytest.importorskip("timm.utils.model_ema")
+    torch.manual_seed(0)
+    model = _Tiny(dtype)
+    kw = dict(decay=0.9999, update_after_step=3, use_warmup=True, warmup_power=3 / 4, dtype=ema_dtype,
+              stochastic_rounding=False, exclude_buffers=exclude_buffers)
+    ours, theirs = FusedEMA(model, **kw), timm.ModelEmaV3(model, **kw)
+    exact = {k: (v.double() if v.is_floating_point() else v.clone()) for k, v in model.state_dict().items()}
+    for step in range(60):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+            model.bn.running_mean.add_(0.1)
+            model.bn.num_batches_tracked += 1
+        ours.update(model, step=step)
+        theirs.update(model, step=step)
+        reference_update(exact, model, reference_decay(step, 0.9999, 0.0, 3, True, 1.0, 3 / 4), exclude_buffers)
+    tiny = torch.finfo(ema_dtype or dtype)
+    for (name, a), b in zip(ours.module.state_dict().items(), theirs.module.state_dict().values()):
+        assert a.dtype == b.dtype, name
+        if not a.is_floating_point():
+            assert torch.equal(a, b), name
+            continue
+        if ema_dtype is not None:
+            # timm's mixed-dtype path is mul + add, not lerp: compare both with the fp64 EMA instead
+            ours_err, timm_err = rel_err(a, exact[name]), rel_err(b, exact[name])
+            assert ours_err <= max(2 * timm_err, 1e-6), (name, ours_err, timm_err)
+            continue
+        # the same lerp (fma in both); 60 roundings may differ in the last bit where torch's CPU lerp
+        # leaves its vectorized loop for a scalar tail
+        ulps = ((a.double() - b.double()).abs() / (tiny.eps * b.double().abs().clamp_min(tiny.tiny))).max().item()
+        assert ulps <= 2, (name, ulps)
+        assert (a == b).double().mean() > 0.95, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_stochastic_rounding_default_follows_the_exact_average(device):
+    """timm's default (stochastic_rounding=True): a bf16 EMA of tiny updates moves like the fp64 EMA."""
+    model = nn.Linear(200, 100, bias=False).to(device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema, nearest = FusedEMA(model, decay=0.999), FusedEMA(model, decay=0.999, stochastic_rounding=False)
+    with torch.no_grad():
+        model.weight.fill_(1.01)
+    exact = 1.0
+    for _ in range(300):
+        ema.update(model)
+        nearest.update(model)
+        exact += 0.001 * (model.weight[0, 0].double().item() - exact)
+    assert torch.equal(nearest.module.weight, torch.ones_like(nearest.module.weight))
+    mean = ema.module.weight.double().mean().item()
+    assert abs((mean - 1) - (exact - 1)) < 0.05 * (exact - 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cached_lists_follow_the_model(device):
+    """The plan is reused across updates and rebuilt when the model's tensors change: a replaced
+    Parameter (registration hook), a new storage (.to(), .data =), a new dtype."""
+    model = Net().to(device)
+    ema = FusedEMA(model, decay=0.5)
+    ema.update(model)
+    plan = ema._plans[(id(model), "state")]
+    ema.update(model)
+    assert ema._plans[(id(model), "state")] is plan  # reused
+    with torch.no_grad():
+        model.fc.weight = nn.Parameter(torch.full_like(model.fc.weight, 3.0))
+    ema.set(model)
+    assert torch.equal(ema.module.fc.weight, model.fc.weight)
+    model.fc.bias.data = torch.full_like(model.fc.bias, 5.0)  # same Parameter, new storage
+    ema.set(model)
+    assert torch.equal(ema.module.fc.bias, model.fc.bias)
+    model.to(torch.float64)  # an fp32 EMA of an fp64 model
+    with torch.no_grad():
+        model.fc.weight.fill_(7.0)
+    ema.update(model)
+    assert torch.equal(ema.module.fc.weight, torch.full_like(ema.module.fc.weight, 5.0))
+    ema.to(torch.float64)
+    ema.update(model)
+    assert torch.equal(ema.module.fc.weight, torch.full_like(ema.module.fc.weight, 6.0))
+
+
+def test_copies_update_their_own_module():
+    model = Net()
+    ema = FusedEMA(model, decay=0.5)
+    ema.update(model)
+    twin = copy.deepcopy(ema)
+    with torch.no_grad():
+        model.fc.weight.fill_(2.0)
+    twin.set(model)
+    assert torch.equal(twin.module.fc.weight, model.fc.weight)
+    assert not torch.equal(ema.module.fc.weight, model.fc.weight)  # the original is untouched
+    buffer = io.BytesIO()
+    torch.save(ema, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    loaded.set(model)
+    assert torch.equal(loaded.module.fc.weight, model.fc.weight)
+
+
+@requires_cuda
+def test_update_replays_in_a_cuda_graph():
+    """A steady-state update allocates nothing and copies nothing to the device: it can be captured."""
+    torch.manual_seed(0)
+    model = Net().cuda()
+    ema = FusedEMA(model, decay=0.9, backend="cuda")
+    decay = torch.tensor(0.9, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ema.apply_update_(model, decay)  # builds the plan and its device table
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ema.apply_update_(model, decay)
+    ref = {k: v.double() for k, v in ema.module.state_dict().items()}
+    for d in (0.9, 0.5, 0.0):
+        decay.fill_(d)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        graph.replay()
+        for name, value in model.state_dict().items():
+            if ref[name].is_floating_point():
+                ref[name] = value.double() if d == 0 else ref[name] + (1 - d) * (value.double() - ref[name])
+            else:
+                ref[name] = value.clone()
+    torch.cuda.synchronize()
+    for name, value in ema.module.state_dict().items():
+        torch.testing.assert_close(value.double(), ref[name].to(value.device).double(), atol=1e-5, rtol=1e-5,
+                                   msg=name)

@@ -8,12 +8,14 @@
 namespace madfast {
 namespace {
 
-void ema_update_cuda(at::TensorList ema, at::TensorList params, const at::Tensor& decay) {
+void ema_update_cuda(at::TensorList ema, at::TensorList params, const c10::optional<at::Tensor>& decay,
+                     double decay_value, int64_t sr_seed, int64_t sr_step, const c10::optional<at::Tensor>& host_table,
+                     const c10::optional<at::Tensor>& table) {
   check_ema_args(ema, params, decay);
   if (ema.empty()) return;
   TORCH_CHECK_VALUE(ema[0].is_cuda(), "ema_update_ (CUDA kernel): tensors must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(ema[0].device());
-  ema_kernels::update_gpu(ema, params, decay, StreamLaunch{});
+  ema_kernels::update_gpu(ema, params, decay, decay_value, sr_seed, sr_step, host_table, table, StreamLaunch{});
 }
 
 }  // namespace

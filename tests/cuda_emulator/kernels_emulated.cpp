@@ -47,9 +47,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                         const at::Tensor& mean) {
     return mf::moments::backward_gpu(gm, gv, x, mean, launch);
   });
-  m.def("ema_update_", [=](std::vector<at::Tensor> ema, std::vector<at::Tensor> params, const at::Tensor& decay) {
+  // the CUDA op's arguments; the "device" tables are CPU tensors here
+  m.def("ema_update_", [=](std::vector<at::Tensor> ema, std::vector<at::Tensor> params, const Optional& decay,
+                           double decay_value, int64_t sr_seed, int64_t sr_step, const Optional& host_table,
+                           const Optional& table) {
     mf::check_ema_args(ema, params, decay);
-    if (!ema.empty()) mf::ema_kernels::update_gpu(ema, params, decay, launch);
+    if (!ema.empty())
+      mf::ema_kernels::update_gpu(ema, params, decay, decay_value, sr_seed, sr_step, host_table, table, launch);
   });
   m.def("kl_div_fwd", [=](const at::Tensor& s, const at::Tensor& t, double tau, bool gs, bool gt) {
     return mf::logit_kernels::kl_div_fwd_gpu(s, t, tau, gs, gt, launch);

@@ -23,7 +23,7 @@ BLOCK = 4096
 def _ema_multi_tensor_kernel(
     table_ptr,  # int64 [n_tensors, 4]: ema address, tensor address, numel, first program
     n_tensors,
-    decay_ptr,  # fp32 or fp64 [] on the tensors' device
+    weight_ptr,  # fp64 []: 1 - decay, formed in double
     EMA_DTYPE: tl.constexpr,
     PARAM_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -45,10 +45,13 @@ def _ema_multi_tensor_kernel(
     offs = (pid - tl.load(row + 3)) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
 
-    weight = 1.0 - tl.load(decay_ptr).to(ACC_DTYPE)
+    w = tl.load(weight_ptr).to(ACC_DTYPE)
     e = tl.load(ema_ptr + offs, mask=mask).to(ACC_DTYPE)
     p = tl.load(param_ptr + offs, mask=mask).to(ACC_DTYPE)
-    tl.store(ema_ptr + offs, (e + weight * (p - e)).to(EMA_DTYPE), mask=mask)
+    # torch.lerp's two-branch formula (csrc/ema.h ema_value); weight 1 (decay 0) is an exact copy
+    v = tl.where(w < 0.5, tl.fma(w, p - e, e), tl.fma(w - 1.0, p - e, p))
+    v = tl.where(w == 1.0, p, v)
+    tl.store(ema_ptr + offs, v.to(EMA_DTYPE), mask=mask)
 
 
 def _flat_pair(e: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,8 +75,8 @@ def _table(pairs: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device)
     return host.to(device, non_blocking=True), blocks
 
 
-def triton_ema_update_(ema_tensors: list[torch.Tensor], tensors: list[torch.Tensor], decay: torch.Tensor) -> None:
-    """Runs the Triton kernel; arguments already validated (madfast.ops.ema.op)."""
+def triton_ema_update_(ema_tensors: list[torch.Tensor], tensors: list[torch.Tensor], weight: torch.Tensor) -> None:
+    """Runs the Triton kernel; arguments already validated (madfast.ops.ema.op); weight = 1 − decay, fp64."""
     copies = [(e, p) for e, p in zip(ema_tensors, tensors) if not e.is_floating_point()]
     if copies:
         torch._foreach_copy_([e for e, _ in copies], [p for _, p in copies])
@@ -89,7 +92,7 @@ def triton_ema_update_(ema_tensors: list[torch.Tensor], tensors: list[torch.Tens
         work = [_flat_pair(e, p) for e, p in pairs]
         table, blocks = _table(work, device)
         _ema_multi_tensor_kernel[(blocks,)](
-            table, len(work), decay.to(device=device, dtype=acc),
+            table, len(work), weight.to(device=device, dtype=torch.float64),
             EMA_DTYPE=TL_DTYPES[ema_dtype], PARAM_DTYPE=TL_DTYPES[param_dtype],
             ACC_DTYPE=TL_DTYPES[acc],
             BLOCK=BLOCK, num_warps=8,
