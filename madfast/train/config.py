@@ -81,6 +81,8 @@ class DistillConfig:
     channels_last: bool = _f(False, "channels-last memory format for models and images")
     compile: bool = _f(False, "torch.compile teacher, student and generator")
     compile_mode: str = _f("default", "torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune")
+    sync_bn: bool = _f(True, "under torchrun: the teacher's BN prior on moments all-reduced over ranks, and "
+                       "SyncBatchNorm in G (CUDA only; torch has no CPU SyncBatchNorm) [ours]")
     concat_forward: bool = _f(True, "one teacher/student forward for G and G̃ samples together (student BN sees both) [ours]")
     backend: str = _f("auto", "madfast op backend: auto | torch | triton | cuda | cpp")
     # --- run ---

@@ -16,6 +16,7 @@ from madfast.models import Generator
 from madfast.nn import AdversarialLoss, BNStatHook, FusedEMA, KLDivLoss
 from madfast.train.config import DistillConfig
 from madfast.train.distributed import DistContext, broadcast_buffers, wrap
+from madfast.train.sync_bn import GlobalBNStatHook, sync_generator_bn
 
 __all__ = ["MADTask", "input_pipeline"]
 
@@ -40,9 +41,10 @@ class MADTask:
         self.batch = cfg.batch_size // ctx.world_size
         fmt = torch.channels_last if cfg.channels_last else torch.preserve_format
         self.teacher = teacher.to(self.device, memory_format=fmt).eval().requires_grad_(False)
-        self.bn_hook = BNStatHook(self.teacher, backend=cfg.backend)
+        sync = cfg.sync_bn and ctx.distributed
+        self.bn_hook = (GlobalBNStatHook if sync else BNStatHook)(self.teacher, backend=cfg.backend)
         self.student_raw = student.to(self.device, memory_format=fmt).train()
-        self.g_raw = generator.to(self.device).train()
+        self.g_raw = (sync_generator_bn(generator, self.device) if sync else generator).to(self.device).train()
         self.student, self.generator = wrap(self.student_raw, ctx), wrap(self.g_raw, ctx)
         self.ema = (FusedEMA(self.g_raw, decay=cfg.ema_decay, exclude_buffers=cfg.ema_buffers == "copy",
                              backend=cfg.backend) if cfg.ema else None)

@@ -1,0 +1,44 @@
+"""--sync-bn: batch statistics over every rank's samples, not 1/world of them.
+
+G's BatchNorm layers become ``nn.SyncBatchNorm`` (CUDA/NCCL; torch's SyncBatchNorm has no CPU
+kernel, so on CPU/gloo G keeps per-rank statistics). The teacher's BN prior is computed from
+all-reduced moments on any device (``GlobalBNStatHook``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.nn.functional import all_reduce
+
+from madfast.nn import BNStatHook
+
+__all__ = ["GlobalBNStatHook", "sync_generator_bn"]
+
+
+class GlobalBNStatHook(BNStatHook):
+    """BNStatHook whose per-layer moments are summed over all ranks before the prior:
+    ‖μ − running_mean‖₂ + ‖σ² − running_var‖₂ with μ, σ² (biased) of the global batch. The
+    all-reduce is differentiable, so each rank's G receives the gradient of the global loss
+    (after DDP's average)."""
+
+    def _record(self, bn: nn.BatchNorm2d, args) -> None:
+        if not self.enabled:
+            return
+        x = args[0].float()
+        count = torch.full((1,), x.numel() // x.shape[1], dtype=x.dtype, device=x.device)
+        sums = all_reduce(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count]), dist.ReduceOp.SUM)
+        c = x.shape[1]
+        n = sums[2 * c]
+        mean = sums[:c] / n
+        var = sums[c:2 * c] / n - mean * mean
+        self._losses.append(torch.linalg.vector_norm(mean - bn.running_mean.float())
+                            + torch.linalg.vector_norm(var - bn.running_var.float()))
+
+
+def sync_generator_bn(generator: nn.Module, device: torch.device) -> nn.Module:
+    """G with SyncBatchNorm layers on CUDA; unchanged elsewhere (no CPU SyncBatchNorm in torch)."""
+    if device.type != "cuda":
+        return generator
+    return nn.SyncBatchNorm.convert_sync_batchnorm(generator)
