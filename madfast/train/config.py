@@ -68,6 +68,8 @@ class DistillConfig:
     share_embedding: bool = _f(False, "G̃ uses G's class embedding table instead of its average [ours: off]")
     student_eval_in_g_step: bool = _f(True, "student in eval mode in the G step: its BN statistics do not move on "
                                       "G's batch (--no-…: the old behaviour) [practice: CMI/Fast-Datafree]")
+    augment: bool = _f(False, "random resized crop (scale 0.25–1) + flip of each synthetic sample before the student "
+                       "step [practice: Fast-Datafree/CMI; on in the presets, off by default]")
     # --- optimisation ---
     optimizer_s: str = _f("adam", "student optimiser: adam | sgd (momentum 0.9) [practice: ABM adam, Fast-DFKD sgd]")
     lr_s: float = _f(2e-3, "student learning rate [practice: ABM Adam 2e-3; Fast-DFKD SGD 0.1]")

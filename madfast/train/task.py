@@ -14,6 +14,7 @@ from torch import nn
 
 from madfast.models import Generator
 from madfast.nn import AdversarialLoss, BNStatHook, FusedEMA, KLDivLoss
+from madfast.train.augment import random_resized_crop_flip
 from madfast.train.config import DistillConfig
 from madfast.train.distributed import DistContext, broadcast_buffers, wrap
 from madfast.train.sync_bn import GlobalBNStatHook, sync_generator_bn
@@ -168,6 +169,8 @@ class MADTask:
         """L_S = λ0·D(T(x), S(x)) + λ1·D(T(x̃), S(x̃)); without the EMA, D(T(x), S(x)) alone."""
         cfg, b = self.cfg, self.batch
         x = self._samples()
+        if cfg.augment:  # teacher and student see the same crop of each sample
+            x = random_resized_crop_flip(x, self.noise)
         with torch.no_grad(), self.autocast(), self.bn_hook.paused():  # no BN prior in the student step
             t = self._teacher_f(x).float()
         params = list(self.student_raw.parameters())
