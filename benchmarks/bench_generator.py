@@ -1,9 +1,8 @@
 """Generator block (upsample×2 → conv3×3 → BN → LeakyReLU) and whole generators: eager
-nn.Sequential (the baseline), torch.compile of it, and madfast's fused paths (Triton, CUDA, and
-the C++ CPU kernels); forward and
-forward+backward, fp32 and bf16, with peak memory. Shapes: batch 256 at 128→128 ch 8→16 px and
-128→64 ch 16→32 px; batch 64 at the 224-px generator's shapes. MADFAST_BENCH_SCALE shrinks the
-batch (CPU runs); the group name gives the shapes run.
+nn.Sequential (the baseline), torch.compile of it, and madfast's fused paths (fused around ATen's
+convolution — cuDNN / oneDNN —, Triton, CUDA, and the C++ CPU kernels); forward and
+forward+backward, fp32 and bf16, with peak memory. Shapes: BLOCKS and GENERATORS.
+MADFAST_BENCH_SCALE shrinks the batch (CPU runs); the group name gives the shapes run.
 """
 
 from __future__ import annotations
@@ -17,8 +16,10 @@ from madfast.models import Generator
 from madfast.nn import UpsampleConvBlock
 
 SCALE = int(os.environ.get("MADFAST_BENCH_SCALE", "1"))
-PROVIDERS = ["eager", "compiled", "madfast_triton", "madfast_cuda", "madfast_cpp"]
-BLOCKS = [(256, 128, 128, 8), (256, 128, 64, 16), (64, 128, 128, 7), (64, 128, 64, 56)]  # (N, Cin, Cout, H)
+PROVIDERS = ["eager", "compiled", "madfast_aten", "madfast_triton", "madfast_cuda", "madfast_cpp"]
+# (N, Cin, Cout, H): issue #13's block shapes (32-px generator at batch 32 and 256, a 112-px block
+# of the 224-px generator), and the 224-px generator's first block
+BLOCKS = [(32, 128, 128, 8), (32, 128, 64, 16), (256, 128, 128, 8), (64, 64, 64, 56), (64, 128, 128, 7)]
 GENERATORS = [(256, 32), (64, 224)]  # (batch, img_size)
 
 

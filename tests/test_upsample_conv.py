@@ -4,9 +4,15 @@ and backward, against the torch reference."""
 import pytest
 import torch
 
-from conftest import COMPILED_BACKENDS as BACKENDS
-from conftest import assert_within, skip_unless_available
+import torch.nn.functional as F
+
+from conftest import COMPILED_BACKENDS, DEVICES, assert_within, skip_unless_available
 from madfast.ops.upsample_conv import torch_upsample_conv, upsample_conv
+from madfast.ops.upsample_conv.bilinear_adjoint import bilinear_taps, torch_bilinear_adjoint, triton_bilinear_adjoint
+from madfast.ops.upsample_conv.moments import torch_channel_moments, triton_channel_moments
+from madfast.ops.upsample_conv.op import upsample_conv_moments
+
+BACKENDS = COMPILED_BACKENDS + [(d, "aten") for d in DEVICES]  # "aten": fused around ATen's convolution
 
 CASES = [  # (N, Cin, Cout, H, W): 1×1→2×2, 4×4→8×8, 7×7→14×14, 8×8→16×16; odd channel counts
     (1, 3, 3, 1, 1), (33, 3, 17, 1, 1), (2, 17, 3, 4, 4), (1, 64, 17, 7, 7), (33, 3, 5, 4, 4), (2, 17, 64, 8, 8),
@@ -95,7 +101,7 @@ def test_empty_inputs():
         assert gx.shape == x.shape and gw.shape == w.shape and torch.count_nonzero(gx) == torch.count_nonzero(gw) == 0
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", COMPILED_BACKENDS)
 def test_opcheck_and_compile(device, backend):
     skip_unless_available("upsample_conv", backend, device)
     forward = torch.ops.madfast.upsample_conv_triton if backend == "triton" else torch.ops.madfast.upsample_conv
@@ -106,9 +112,13 @@ def test_opcheck_and_compile(device, backend):
     torch.library.opcheck(forward, (x, w, True))
     torch.library.opcheck(forward, (x.detach().contiguous(memory_format=torch.channels_last), w, False))
     g, y = torch.randn(2, 4, 8, 10, device=device), torch.randn(2, 4, 8, 10, device=device)
-    gs, gss = torch.randn(4, device=device), torch.randn(4, device=device)
-    torch.library.opcheck(backward, (g, x.detach(), w.detach(), None, None, None, True, True))
-    torch.library.opcheck(backward, (g, x.detach(), w.detach(), y, gs, gss, True, False))
+    gs, gss, mean = torch.randn(4, device=device), torch.randn(4, device=device), torch.randn(4, device=device)
+    if backend == "triton":  # (…, y, mean, grad_mean, grad_var, …): the Triton op gives batch moments
+        torch.library.opcheck(backward, (g, x.detach(), w.detach(), None, None, None, None, True, True))
+        torch.library.opcheck(backward, (g, x.detach(), w.detach(), y, mean, gs, gss, True, False))
+    else:  # (…, y, grad_sum, grad_sumsq, …)
+        torch.library.opcheck(backward, (g, x.detach(), w.detach(), None, None, None, True, True))
+        torch.library.opcheck(backward, (g, x.detach(), w.detach(), y, gs, gss, True, False))
     torch._dynamo.reset()
     compiled = torch.compile(lambda a, b: upsample_conv(a, b, stats=True, backend=backend)[0].sum(),
                              fullgraph=True, backend="aot_eager")
@@ -142,6 +152,16 @@ def test_bad_input_to_the_ops_themselves(backend):
             forward(x, w.half(), True)
         with pytest.raises(ValueError, match="x must be 4-D"):
             forward(x[0], w, True)
+    if backend == "triton":
+        with pytest.raises(ValueError, match="grad_y must have shape"):
+            backward(g[:, :4], x, w, None, None, None, None, True, True)
+        with pytest.raises(ValueError, match="grad_mean must have shape"):
+            backward(g, x, w, None, None, torch.randn(4), None, True, True)
+        with pytest.raises(ValueError, match="y \\(the forward's output\\) must be given when grad_var"):
+            backward(g, x, w, None, torch.randn(5), None, torch.randn(5), True, True)
+        with pytest.raises(ValueError, match="mean \\(the forward's output\\) must be given when grad_var"):
+            backward(g, x, w, g, None, None, torch.randn(5), True, True)
+        return
     with pytest.raises(ValueError, match="grad_y must have shape"):
         backward(g[:, :4], x, w, None, None, None, True, True)
     with pytest.raises(ValueError, match="grad_sum must have shape"):
@@ -153,7 +173,7 @@ def test_bad_input_to_the_ops_themselves(backend):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("shape", [(2, 3, 4, 5), (33, 17, 1, 1), (1, 64, 7, 7), (3, 2, 33, 31)],
                          ids=lambda s: "x".join(map(str, s)))  # the last: N·H·W split over 3 programs
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", COMPILED_BACKENDS)
 def test_bn_lrelu_matches_reference(device, backend, shape, layout):
     skip_unless_available("upsample_conv", backend, device)
     from madfast.ops.upsample_conv.bn_lrelu import bn_lrelu
@@ -191,3 +211,166 @@ def test_bn_lrelu_bad_input():
         torch.ops.madfast.bn_lrelu_backward(y[:1], y, c, c, 0.2)
     with pytest.raises(TypeError, match="grad has dtype"):
         torch.ops.madfast.bn_lrelu_backward(y.double(), y, c, c, 0.2)
+
+
+# ---- the "aten" path's parts: gather-form bilinear adjoint, Welford moments, its ops ----
+
+@pytest.mark.parametrize("size", range(1, 130))
+def test_bilinear_taps_are_the_transposed_interpolation_matrix(size):
+    """Row h of the adjoint gathers from rows 2h−1 … 2h+2 only: the taps, scattered into a dense
+    (H, 2H) matrix, equal F.interpolate's own (2H, H) matrix transposed (fp64)."""
+    rows, weights = bilinear_taps(size, torch.device("cpu"), torch.float64)
+    dense = torch.zeros(size, 2 * size, dtype=torch.float64).scatter_add_(1, rows, weights)
+    eye = torch.eye(size, dtype=torch.float64).view(size, 1, size)  # batch of unit signals e_h
+    interp = F.interpolate(eye, size=2 * size, mode="linear", align_corners=True).view(size, 2 * size)
+    torch.testing.assert_close(dense, interp, atol=1e-12, rtol=0)  # ATen takes u·(H−1)/(2H−1) in floating point
+
+
+ADJOINT_SHAPES = [(1, 1, 1, 1), (2, 3, 1, 5), (2, 3, 2, 3), (1, 5, 7, 9), (3, 17, 8, 8), (1, 70, 33, 31)]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", ADJOINT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_bilinear_adjoint_matches_autograd_of_interpolate(impl, shape, layout):
+    if impl == "triton":
+        skip_unless_available("upsample_conv", "triton", "cpu")
+    N, C, H, W = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    grad_up = torch.randn(N, C, 2 * H, 2 * W, generator=g, dtype=torch.float64)
+    if layout == "channels_last":
+        grad_up = grad_up.contiguous(memory_format=torch.channels_last)
+    up = F.interpolate(x, size=(2 * H, 2 * W), mode="bilinear", align_corners=True)
+    (expected,) = torch.autograd.grad(up, x, grad_up)
+    adjoint = torch_bilinear_adjoint if impl == "torch" else triton_bilinear_adjoint
+    torch.testing.assert_close(adjoint(grad_up, H, W), expected, atol=1e-13, rtol=0)
+    # low precision: summed in fp32, one rounding at the end
+    low = adjoint(grad_up.to(torch.bfloat16), H, W)
+    assert low.dtype == torch.bfloat16
+    (exp_low,) = torch.autograd.grad(up, x, grad_up.to(torch.bfloat16).double())
+    torch.testing.assert_close(low.double(), exp_low, atol=2 ** -8 * exp_low.abs().max().item(), rtol=2 ** -7)
+
+
+def _offset_data(shape, offset, std, dtype):
+    g = torch.Generator().manual_seed(2)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * std + offset).to(dtype)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (33, 17, 1, 1), (3, 2, 33, 31), (1, 1, 64, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_channel_moments_when_mean_dwarfs_std(impl, dtype, shape, layout):
+    """|mean| = 1000·std (100·std in bf16, whose spacing at 4000 is 16): E[y²]−E[y]² in fp32 loses
+    the variance here; Welford/Chan keeps it to ~1e-6."""
+    if impl == "triton":
+        skip_unless_available("upsample_conv", "triton", "cpu")
+    y = _offset_data(shape, 4000.0, 4.0 if dtype == torch.float32 else 40.0, dtype)
+    if layout == "channels_last":
+        y = y.contiguous(memory_format=torch.channels_last)
+    var64, mean64 = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)  # of the rounded values
+    if impl == "torch":
+        mean, var = torch_channel_moments(y)
+    else:  # small blocks and several splits, so that the Chan merges are exercised
+        mean, var = triton_channel_moments(y, block=64, max_split=4)
+    assert mean.dtype == var.dtype == torch.float32
+    torch.testing.assert_close(mean.double(), mean64, atol=0, rtol=1e-6)
+    torch.testing.assert_close(var.double(), var64, atol=0, rtol=1e-5)
+    if dtype == torch.float32:  # the formula this replaces does fail here (so the test can tell them apart)
+        naive = y.square().mean((0, 2, 3)) - y.mean((0, 2, 3)).square()
+        assert ((naive.double() - var64).abs() / var64).max() > 1e-3
+
+
+@pytest.mark.parametrize("device,backend", [(d, b) for d in DEVICES for b in ("aten", "triton")])
+def test_batch_moments_when_mean_dwarfs_std(device, backend):
+    """upsample_conv_moments on "aten" (Welford) and "triton" (per-tile partials, Chan-combined):
+    the batch mean and biased variance of the y they return, against fp64 — with |mean| > 100·std,
+    where E[y²]−E[y]² in fp32 loses the variance (checked too); upsample_conv's Σy, Σy² derive
+    from them."""
+    skip_unless_available("upsample_conv", backend, device)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 6, 5, 7, generator=g, dtype=torch.float64) * 0.01 + 10).to(device)
+    w = torch.zeros(5, 6, 3, 3, dtype=torch.float64)
+    w[:, :, 1, 1] = torch.rand(5, 6, generator=g, dtype=torch.float64) + 0.5  # centre tap: no padding at the border
+    w = w.to(device)
+    ref = torch_upsample_conv(x, w)
+    y, mean, var = upsample_conv_moments(x.float(), w.float(), backend=backend)
+    torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-5)
+    var64, mean64 = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
+    assert (mean64.abs() / var64.sqrt()).min() > 100
+    assert mean.dtype == var.dtype == torch.float32
+    torch.testing.assert_close(mean.double(), mean64, atol=0, rtol=1e-6)
+    torch.testing.assert_close(var.double(), var64, atol=0, rtol=1e-4)
+    naive = y.square().mean((0, 2, 3)) - y.mean((0, 2, 3)).square()
+    assert ((naive.double() - var64).abs() / var64).max() > 1e-3
+    _, s, ss = upsample_conv(x.float(), w.float(), stats=True, backend=backend)
+    count = y.numel() // y.shape[1]
+    torch.testing.assert_close(s.double(), y.double().sum((0, 2, 3)), atol=0, rtol=1e-6)
+    torch.testing.assert_close(ss.double(), y.double().square().sum((0, 2, 3)), atol=0, rtol=1e-6)
+    assert count == 4 * 10 * 14
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_aten_moments_in_fp64(device):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 6, 5, 7, generator=g, dtype=torch.float64).to(device) + 10
+    w = torch.randn(5, 6, 3, 3, generator=g, dtype=torch.float64).to(device)
+    ref = torch_upsample_conv(x, w)
+    var64, mean64 = torch.var_mean(ref, dim=(0, 2, 3), correction=0)
+    y, mean, var = upsample_conv_moments(x, w, backend="aten")
+    torch.testing.assert_close(y, ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(mean, mean64, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(var, var64, atol=0, rtol=1e-10)
+
+
+@pytest.mark.parametrize("device,backend", [(d, b) for d in DEVICES for b in ("aten", "triton")])
+def test_moment_gradients(device, backend):
+    """Gradients through y, the mean and the variance together, against autograd of the fp64
+    composition of F.interpolate, F.conv2d and torch.var_mean (Triton: fp32 GEMMs)."""
+    skip_unless_available("upsample_conv", backend, device)
+    tol = 1e-10 if backend == "aten" else 1e-4
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 4, 5, 6, generator=g, dtype=torch.float64).to(device)
+    w = torch.randn(7, 4, 3, 3, generator=g, dtype=torch.float64).to(device)
+    gy, gm, gv = (torch.randn(s, generator=g, dtype=torch.float64).to(device) for s in ((3, 7, 10, 12), 7, 7))
+
+    def loss(y, mean, var):
+        return (y * gy).sum() + (mean * gm).sum() + (var * gv).sum()
+
+    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ours = torch.autograd.grad(loss(*upsample_conv_moments(xa, wa, backend=backend)), (xa, wa))
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = F.conv2d(F.interpolate(xr, scale_factor=2, mode="bilinear", align_corners=True), wr, padding=1)
+    var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+    expected = torch.autograd.grad(loss(y, mean, var), (xr, wr))
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, atol=tol * b.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_aten_opcheck(device):
+    forward, backward = torch.ops.madfast.upsample_conv_aten, torch.ops.madfast.upsample_conv_backward_aten
+    x = torch.randn(2, 3, 4, 5, device=device, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
+    torch.library.opcheck(forward, (x, w, True))
+    torch.library.opcheck(forward, (x.detach().contiguous(memory_format=torch.channels_last), w, False))
+    g, y = torch.randn(2, 4, 8, 10, device=device), torch.randn(2, 4, 8, 10, device=device)
+    gm, gv, mean = torch.randn(4, device=device), torch.randn(4, device=device), torch.randn(4, device=device)
+    torch.library.opcheck(backward, (g, x.detach(), w.detach(), None, None, None, None, True, True))
+    torch.library.opcheck(backward, (g, x.detach(), w.detach(), y, mean, gm, gv, True, False))
+    torch.library.opcheck(backward, (g, x.detach(), w.detach(), None, None, gm, None, False, True))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b: upsample_conv(a, b, stats=True, backend="aten")[1].sum(),
+                             fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, w), torch_upsample_conv(x, w).sum(), atol=1e-4, rtol=1e-5)
+
+
+def test_aten_backward_op_bad_input():
+    x, w, g = torch.randn(2, 3, 4, 4), torch.randn(5, 3, 3, 3), torch.randn(2, 5, 8, 8)
+    backward = torch.ops.madfast.upsample_conv_backward_aten
+    with pytest.raises(ValueError, match="grad_y must have shape"):
+        backward(g[:, :4], x, w, None, None, None, None, True, True)
+    with pytest.raises(ValueError, match="y and mean .* must be given with grad_var"):
+        backward(g, x, w, None, None, None, torch.randn(5), True, True)

@@ -1,5 +1,6 @@
-"""The fused path of UpsampleConvBlock: upsample×2 → conv3×3 with BatchNorm's sums in the GEMM
-epilogue (madfast.ops.upsample_conv), then normalise + LeakyReLU in one pass (bn_lrelu), keeping
+"""The fused path of UpsampleConvBlock: upsample×2 → conv3×3 with BatchNorm's batch moments
+(madfast.ops.upsample_conv: in the GEMM epilogue, or by Welford on the "aten" path), then
+normalise + LeakyReLU in one pass (bn_lrelu), keeping
 nn.BatchNorm2d's semantics (batch statistics and running-stat update in train mode, running
 stats in eval)."""
 
@@ -8,8 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from madfast.ops.upsample_conv import upsample_conv
+from madfast.ops.upsample_conv.aten_path import bn_lrelu_aten
 from madfast.ops.upsample_conv.bn_lrelu import bn_lrelu
+from madfast.ops.upsample_conv.op import upsample_conv_moments
 
 __all__ = ["upsample_conv_bn_lrelu"]
 
@@ -19,11 +21,9 @@ def upsample_conv_bn_lrelu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
     """What ``Sequential(UpsamplingBilinear2d(2), conv, bn, LeakyReLU(negative_slope))`` computes,
     including bn's running-statistics update; conv must have no bias."""
     batch_stats = bn.training or bn.running_mean is None
-    y, total, total_sq = upsample_conv(x, conv.weight, stats=batch_stats, backend=backend)
-    if batch_stats:
+    y, mean, var = upsample_conv_moments(x, conv.weight, stats=batch_stats, backend=backend)
+    if batch_stats:  # var is biased, as BN normalises with
         count = y.numel() // y.shape[1]
-        mean = total / count
-        var = (total_sq / count - mean.square()).clamp_min(0)  # biased, as BN normalises with
         if bn.training and bn.track_running_stats:
             with torch.no_grad():
                 bn.num_batches_tracked.add_(1)
@@ -33,6 +33,8 @@ def upsample_conv_bn_lrelu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
                 bn.running_var.lerp_((var * (count / max(count - 1, 1))).to(bn.running_var.dtype), factor)
     else:
         mean, var = bn.running_mean, bn.running_var
+    if backend == "aten":  # BatchNorm's backward rounded once: the stats' gradients folded in fp32
+        return bn_lrelu_aten(y, mean, var, bn.weight, bn.bias, bn.eps, negative_slope, batch_stats)
     scale = torch.rsqrt(var.float() + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight.float()
@@ -40,3 +42,4 @@ def upsample_conv_bn_lrelu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
     if bn.bias is not None:
         shift = shift + bn.bias.float()
     return bn_lrelu(y, scale, shift, negative_slope, backend)
+

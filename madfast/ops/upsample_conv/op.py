@@ -1,12 +1,17 @@
-"""madfast.ops.upsample_conv: conv3×3(bilinear-upsample×2(x)) with BatchNorm's per-channel sums.
+"""madfast.ops.upsample_conv: conv3×3(bilinear-upsample×2(x)) with BatchNorm's per-channel statistics.
 
-No compiled backend ever writes the up-sampled tensor. "triton" (``madfast::upsample_conv_triton``):
-the forward is an implicit GEMM whose loader interpolates, the weight gradient the same GEMM
-transposed, the input gradient a conv-transpose GEMM chained with the bilinear adjoint per tile
-of input pixels. "cuda" and "cpp" (``madfast::upsample_conv``, csrc/): the same three
-computations, tiled SIMT GEMMs on the GPU and row-at-a-time loops on the CPU, sharing their
-per-element math (csrc/upsample_conv.h). Every backward folds the gradients of the BatchNorm sums
-into grad_y as it reads it. None is measured on a GPU yet, so "auto" keeps the torch reference.
+"aten" (``madfast::upsample_conv_aten``, aten_path.py): ATen's convolution (cuDNN / oneDNN) on an
+up-sampled tensor that is not kept for backward, Welford batch moments, a gather-form bilinear
+adjoint. No other compiled backend ever writes the up-sampled tensor. "triton"
+(``madfast::upsample_conv_triton``): the forward is an implicit GEMM whose loader interpolates,
+with per-tile mean/M2 partials in the epilogue (Chan-combined: batch mean and variance), the weight
+gradient the same GEMM transposed, the input gradient a conv-transpose GEMM chained with the
+bilinear adjoint per tile of input pixels. "cuda" and "cpp" (``madfast::upsample_conv``, csrc/):
+the same three computations with the sums Σy, Σy², tiled SIMT GEMMs on the GPU and row-at-a-time
+loops on the CPU sharing their per-element math (csrc/upsample_conv.h) — the CUDA ones are kept as
+the oracle that tests/cuda_emulator runs on the CPU, not as a speed path (no tensor cores). Every
+backward folds the gradients of the statistics into grad_y. None is measured on a GPU yet, so
+"auto" keeps the torch reference until `madfast check` verifies one (AUTO).
 
 Measured (2-core CPU, torch 2.14.1, fp32, train-mode block fwd+bwd, 2026-11-25): "cpp" runs at
 0.05–0.11× eager (oneDNN's convolution on the materialised upsample), so on CPUs the reference
@@ -23,9 +28,10 @@ from madfast import _backend
 from madfast.ops._checks import check_floating, check_same
 from madfast.ops._dtypes import acc_dtype
 from madfast.ops._layout import kernel_memory_format
+from madfast.ops.upsample_conv.aten_path import upsample_conv_aten
 from madfast.ops.upsample_conv.reference import torch_upsample_conv
 
-__all__ = ["upsample_conv"]
+__all__ = ["upsample_conv", "upsample_conv_moments", "AUTO", "auto_order"]
 
 
 def _check(x, weight) -> None:
@@ -38,8 +44,9 @@ def _check(x, weight) -> None:
                          f"channels, got {tuple(weight.shape)}")
 
 
-def _check_backward(grad_y, x, weight, y, grad_sum, grad_sumsq) -> None:
-    """The backward op's own checks (the C++ op makes the same ones in csrc/upsample_conv.h)."""
+def _check_backward(grad_y, x, weight, y, grad_sum, grad_sumsq, names=("grad_sum", "grad_sumsq")) -> None:
+    """The backward op's own checks (the C++ op makes the same ones in csrc/upsample_conv.h);
+    ``names``: what the two (Cout,) gradients are called in the op's schema."""
     op = "upsample_conv_backward"
     _check(x, weight)
     out_shape = (x.shape[0], weight.shape[0], 2 * x.shape[2], 2 * x.shape[3])
@@ -47,14 +54,14 @@ def _check_backward(grad_y, x, weight, y, grad_sum, grad_sumsq) -> None:
     check_same(op, "grad_y", grad_y, "x", x, shape=False)
     if tuple(grad_y.shape) != out_shape:
         raise ValueError(f"{op}: grad_y must have shape {out_shape}, got {tuple(grad_y.shape)}")
-    for name, t in (("grad_sum", grad_sum), ("grad_sumsq", grad_sumsq)):
+    for name, t in zip(names, (grad_sum, grad_sumsq)):
         if t is not None and tuple(t.shape) != (weight.shape[0],):
             raise ValueError(f"{op}: {name} must have shape ({weight.shape[0]},), got {tuple(t.shape)}")
         if t is not None:
             check_same(op, name, t, "x", x, shape=False, dtype=False)
     if grad_sumsq is not None:
         if y is None:
-            raise ValueError(f"{op}: y (the forward's output) must be given when grad_sumsq is")
+            raise ValueError(f"{op}: y (the forward's output) must be given when {names[1]} is")
         check_same(op, "y", y, "grad_y", grad_y)
 
 
@@ -110,27 +117,58 @@ if importlib.util.find_spec("triton") is not None:
 
     @torch.library.custom_op("madfast::upsample_conv_backward_triton", mutates_args=())
     def _upsample_conv_backward_triton(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                                       y: torch.Tensor | None, grad_sum: torch.Tensor | None,
-                                       grad_sumsq: torch.Tensor | None, grad_input: bool,
-                                       grad_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_backward(grad_y, x, weight, y, grad_sum, grad_sumsq)
+                                       y: torch.Tensor | None, mean: torch.Tensor | None,
+                                       grad_mean: torch.Tensor | None, grad_var: torch.Tensor | None,
+                                       grad_input: bool, grad_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_backward(grad_y, x, weight, y, grad_mean, grad_var, names=("grad_mean", "grad_var"))
+        if grad_var is not None and mean is None:
+            raise ValueError("upsample_conv_backward: mean (the forward's output) must be given when grad_var is")
+        # ∂mean/∂y = 1/M, ∂var/∂y = 2(y − mean)/M: the kernels' fold with g_Σ = g_mean/M, g_Σ² = g_var/M;
         # (Cout,) gradients arrive expanded (stride 0) from a sum: the kernels index them densely
-        grad_sum, grad_sumsq = (None if t is None else t.to(acc_dtype(x.dtype)).contiguous()
-                                for t in (grad_sum, grad_sumsq))
-        fold = GradFold(y if grad_sumsq is not None else grad_y, grad_sum, grad_sumsq)
+        count = grad_y.numel() // max(grad_y.shape[1], 1)
+        grad_sum, grad_sumsq = (None if t is None else (t.to(acc_dtype(x.dtype)) / count).contiguous()
+                                for t in (grad_mean, grad_var))
+        fold = GradFold(y if grad_sumsq is not None else grad_y, grad_sum, grad_sumsq,
+                        mean.to(acc_dtype(x.dtype)).contiguous() if grad_sumsq is not None else None)
         g_x = triton_upsample_conv_grad_input(grad_y, weight, x.shape, x, fold) if grad_input else x.new_empty(0)
         g_w = (triton_upsample_conv_grad_weight(x, grad_y, weight.shape, fold).to(weight.dtype) if grad_weight
                else weight.new_empty(0))
         return g_x, g_w
 
+    def _setup_triton(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1], *(output[:2] if inputs[2] else (None, None)))
+
+    def _backward_triton(ctx, g_y, g_mean, g_var):
+        x, weight, y, mean = ctx.saved_tensors
+        g_mean = g_mean if g_mean is not None and g_mean.numel() else None
+        g_var = g_var if g_var is not None and g_var.numel() else None
+        g_x, g_w = torch.ops.madfast.upsample_conv_backward_triton(
+            g_y, x, weight, *((y, mean) if g_var is not None else (None, None)), g_mean, g_var,
+            *ctx.needs_input_grad[:2])
+        return (g_x if ctx.needs_input_grad[0] else None), (g_w if ctx.needs_input_grad[1] else None), None
+
+    def _fake_backward_triton(grad_y, x, weight, y, mean, grad_mean, grad_var, grad_input, grad_weight):
+        return _fake_backward(grad_y, x, weight, y, grad_mean, grad_var, grad_input, grad_weight)
+
     _upsample_conv_triton.register_fake(_fake)
-    _upsample_conv_triton.register_autograd(_backward, setup_context=_setup("upsample_conv_backward_triton"))
-    _upsample_conv_backward_triton.register_fake(_fake_backward)
+    _upsample_conv_triton.register_autograd(_backward_triton, setup_context=_setup_triton)
+    _upsample_conv_backward_triton.register_fake(_fake_backward_triton)
 
 
-# "auto" keeps the reference until the Triton kernels have been measured against cuDNN on a GPU;
-# backend="triton" (or MADFAST_BACKEND=triton) takes the fused path.
-AUTO = ("torch",)
+def _moments_op(backend: str):
+    """The op that returns (y, batch mean, biased batch variance): "aten" or "triton"."""
+    return upsample_conv_aten if backend == "aten" else torch.ops.madfast.upsample_conv_triton
+
+
+# The candidates "auto" tries, per device type, in order. On CUDA tensors each fused one is taken
+# only where `madfast check` verified it on this GPU architecture (madfast._verified); on CPUs the
+# reference stays (oneDNN on the materialised upsample beats the C++ kernels, see above).
+AUTO = {"cuda": ("aten", "triton", "cuda", "torch"), "cpu": ("torch",)}
+
+
+def auto_order(device: torch.device) -> tuple[str, ...]:
+    """AUTO's candidates for tensors on ``device``."""
+    return AUTO.get(device.type, ("torch",))
 
 
 def upsample_conv(x: torch.Tensor, weight: torch.Tensor, *, stats: bool = False,
@@ -141,12 +179,19 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, *, stats: bool = False,
         x: (N, Cin, H, W), contiguous or channels_last.
         weight: (Cout, Cin, 3, 3), same dtype and device.
         stats: also return Σy and Σy² per output channel (fp32, fp64 for fp64), for BatchNorm.
-        backend: "auto" (the reference for now, see AUTO), "torch", "triton", "cuda" or "cpp".
+        backend: "auto" (see AUTO), "torch", "triton", "cuda", "cpp" or "aten" (fused around
+            ATen's convolution; y is then channels_last).
     Returns:
         (y (N, Cout, 2H, 2W), Σy or None, Σy² or None).
     """
     _check(x, weight)
-    chosen = _backend.choose("upsample_conv", backend, x.device, auto=AUTO)
+    chosen = _backend.choose("upsample_conv", backend, x.device, auto=auto_order(x.device), dtype=x.dtype)
+    if chosen in ("aten", "triton"):  # these give the batch moments: the sums derive from them
+        y, mean, var = _moments_op(chosen)(x, weight, stats)
+        if not stats:
+            return y, None, None
+        count = y.numel() // max(y.shape[1], 1)
+        return y, mean * count, (var + mean.square()) * count
     if chosen == "torch":
         y = torch_upsample_conv(x, weight)
         if not stats:
@@ -155,3 +200,22 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, *, stats: bool = False,
         return y, yf.sum((0, 2, 3)), yf.square().sum((0, 2, 3))
     y, s, ss = _backend.compiled_op("upsample_conv", chosen)(x, weight, stats)
     return (y, s, ss) if stats else (y, None, None)
+
+
+def upsample_conv_moments(x: torch.Tensor, weight: torch.Tensor, *, stats: bool = True,
+                          backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(y, batch mean, biased batch variance) per output channel — what train-mode BatchNorm
+    normalises y with; the moments (fp32, fp64 for fp64) are None when ``stats`` is False.
+    "aten" and "triton" take them by Welford / Chan-combined partials; "cpp", "cuda" and "torch"
+    from the sums Σy, Σy² (clamped at 0)."""
+    _check(x, weight)
+    chosen = _backend.choose("upsample_conv", backend, x.device, auto=auto_order(x.device), dtype=x.dtype)
+    if chosen in ("aten", "triton"):
+        y, mean, var = _moments_op(chosen)(x, weight, stats)
+        return (y, mean, var) if stats else (y, None, None)
+    y, total, total_sq = upsample_conv(x, weight, stats=stats, backend=chosen)
+    if not stats:
+        return y, None, None
+    count = y.numel() // max(y.shape[1], 1)
+    mean = total / count
+    return y, mean, (total_sq / count - mean.square()).clamp_min(0)

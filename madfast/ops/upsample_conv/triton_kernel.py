@@ -1,11 +1,13 @@
 """Triton kernel of conv3×3(bilinear-upsample×2(x)) as an implicit GEMM that never writes the
 upsampled tensor: the A-operand loader reads the low-resolution x and interpolates on the fly
-(four gathers per element, align_corners=True weights), and the epilogue accumulates the
-per-channel sums BatchNorm needs (Σy, Σy²) with atomics.
+(four gathers per element, align_corners=True weights), and the epilogue writes each M-tile's
+per-channel mean and Σ(y − mean)², which madfast.ops.upsample_conv.moments.chan_combine merges in
+a fixed order into BatchNorm's batch mean and variance (no E[y²]−E[y]² cancellation, no atomics).
 
 GEMM view: M = N·OH·OW output pixels, K = Cin·9 taps, N = Cout channels.
-Status: forward only, correctness-tested under the CPU interpreter; not yet tuned on a GPU
-(no GPU lent so far), so the module does not take this path by default.
+fp32 GEMMs run in TF32 unless torch.backends.cudnn.allow_tf32 is off (cuDNN's rule), bf16/fp16 in
+their own precision on tensor cores. Status: correctness-tested under the CPU interpreter; not yet
+tuned on a GPU (no GPU lent so far): "auto" takes it only where `madfast check` verified it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import triton.language as tl
 from madfast.ops._dtypes import acc_dtype
 from madfast.ops._layout import kernel_memory_format
 from madfast.ops._triton import interpreted
+from madfast.ops.upsample_conv.moments import chan_combine
 
 __all__ = ["GradFold", "triton_upsample_conv_fwd", "triton_upsample_conv_grad_weight",
            "triton_upsample_conv_grad_input"]
@@ -55,10 +58,12 @@ def _upsample_conv_fwd_kernel(
     x_ptr,  # (N, Cin, H, W), strides sx_*
     w_ptr,  # (Cout, Cin·9) contiguous
     y_ptr,  # (N, Cout, OH, OW), strides sy_*
-    sum_ptr, sumsq_ptr,  # (Cout,) fp32 (fp64 for fp64), zero-initialised; Σy and Σy² over N·OH·OW
+    mean_ptr, m2_ptr,  # (tiles_m, Cout) fp64: each M-tile's mean and Σ(y − mean)² (fp64: a tile mean
+                       # rounded to fp32 would cost ~2⁻²⁴·|mean|/std of the variance when |mean| ≫ std)
     NB, Cin, H, W, Cout, OH, OW, scale_h, scale_w,
     sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w,
-    STATS: tl.constexpr, LOWP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    STATS: tl.constexpr, LOWP: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
@@ -78,49 +83,57 @@ def _upsample_conv_fwd_kernel(
         if LOWP:  # tensor cores in the input precision, fp32 accumulation
             acc += tl.dot(a.to(b.dtype), b)
         else:
-            acc += tl.dot(a, b.to(tl.float32), input_precision="ieee")
+            acc += tl.dot(a, b.to(tl.float32), input_precision=FP32_DOT)
     out = acc.to(y_ptr.dtype.element_ty)
     y_off = n[:, None] * sy_n + co[None, :] * sy_c + oh[:, None] * sy_h + ow[:, None] * sy_w
     keep = m_ok[:, None] & co_ok[None, :]
     tl.store(y_ptr + y_off, out, mask=keep)
-    if STATS:  # BatchNorm's batch statistics of the stored (rounded) values
-        yv = tl.where(keep, out.to(sum_ptr.dtype.element_ty), 0.0)
-        tl.atomic_add(sum_ptr + co, tl.sum(yv, 0), mask=co_ok)
-        tl.atomic_add(sumsq_ptr + co, tl.sum(yv * yv, 0), mask=co_ok)
+    if STATS:  # BatchNorm's batch statistics of the stored (rounded) values: this tile's partials
+        yv = tl.where(keep, out.to(mean_ptr.dtype.element_ty), 0.0)
+        tile_mean = tl.sum(yv, 0) / tl.sum(m_ok.to(mean_ptr.dtype.element_ty), 0)
+        d = tl.where(keep, yv - tile_mean[None, :], 0.0)
+        tl.store(mean_ptr + pid_m * Cout + co, tile_mean, mask=co_ok)
+        tl.store(m2_ptr + pid_m * Cout + co, tl.sum(d * d, 0), mask=co_ok)
 
 
 class GradFold(NamedTuple):
-    """The forward's output y and the (Cout,) gradients of its BatchNorm sums Σy and Σy², to be
-    folded into grad_y as the backward kernels read it; an absent gradient is None."""
+    """The forward's output y, its batch mean (Cout,), and the (Cout,) gradients g_Σ and g_Σ² to be
+    folded into grad_y as the backward kernels read it: grad_y + g_Σ + 2(y − mean)·g_Σ² (the
+    gradient of Σy and Σy² when mean is 0; of the batch mean and variance with g_Σ = g_mean/M and
+    g_Σ² = g_var/M). An absent gradient (or mean) is None."""
 
     y: torch.Tensor
     grad_sum: torch.Tensor | None
     grad_sumsq: torch.Tensor | None
+    mean: torch.Tensor | None = None
 
     @staticmethod
     def none(grad_y: torch.Tensor) -> GradFold:
         return GradFold(grad_y, None, None)
 
-    def pointers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def pointers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         # an unused pointer still needs a tensor; the kernels never read it (FOLD_* False)
         return (self.y, self.y if self.grad_sum is None else self.grad_sum,
-                self.y if self.grad_sumsq is None else self.grad_sumsq)
+                self.y if self.grad_sumsq is None else self.grad_sumsq, self.y if self.mean is None else self.mean)
 
     def flags(self) -> dict[str, bool]:
-        return {"FOLD_SUM": self.grad_sum is not None, "FOLD_SUMSQ": self.grad_sumsq is not None}
+        return {"FOLD_SUM": self.grad_sum is not None, "FOLD_SUMSQ": self.grad_sumsq is not None,
+                "CENTRED": self.mean is not None}
 
 
 @triton.jit
-def _load_grad(gy_ptr, y_ptr, gsum_ptr, gsumsq_ptr, g_off, y_off, co, mask,
-               FOLD_SUM: tl.constexpr, FOLD_SUMSQ: tl.constexpr):
+def _load_grad(gy_ptr, y_ptr, gsum_ptr, gsumsq_ptr, mean_ptr, g_off, y_off, co, mask,
+               FOLD_SUM: tl.constexpr, FOLD_SUMSQ: tl.constexpr, CENTRED: tl.constexpr):
     """A tile of grad_y as the backward reads it, fp32, 0 where not mask. With train-mode BatchNorm
-    the gradients of its sums are folded in here (∂Σy/∂y = 1, ∂Σy²/∂y = 2y): grad_y + g_Σ[co] +
-    2·y·g_Σ²[co], so no temporary of y's size is written for them."""
+    the gradients of its statistics are folded in here: grad_y + g_Σ[co] + 2·(y − mean[co])·g_Σ²[co]
+    (see GradFold), so no temporary of y's size is written for them."""
     g = tl.load(gy_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
     if FOLD_SUM:
         g += tl.load(gsum_ptr + co, mask=mask, other=0.0).to(tl.float32)
     if FOLD_SUMSQ:
         y = tl.load(y_ptr + y_off, mask=mask, other=0.0).to(tl.float32)
+        if CENTRED:  # y − mean taken first: no cancellation when |mean| ≫ std
+            y -= tl.load(mean_ptr + co, mask=mask, other=0.0).to(tl.float32)
         g += 2 * y * tl.load(gsumsq_ptr + co, mask=mask, other=0.0).to(tl.float32)
     return g
 
@@ -129,12 +142,12 @@ def _load_grad(gy_ptr, y_ptr, gsum_ptr, gsumsq_ptr, g_off, y_off, co, mask,
 def _upsample_conv_grad_weight_kernel(
     x_ptr,  # (N, Cin, H, W), strides sx_*
     gy_ptr,  # (N, Cout, OH, OW), strides sg_*
-    y_ptr, gsum_ptr, gsumsq_ptr,  # y (strides sy_*), (Cout,) g_Σ and g_Σ²: read only when folded
+    y_ptr, gsum_ptr, gsumsq_ptr, mean_ptr,  # y (strides sy_*), (Cout,) g_Σ, g_Σ², mean: read only when folded
     gw_ptr,  # (Cout, Cin·9) fp32 contiguous
     NB, Cin, H, W, Cout, OH, OW, scale_h, scale_w,
     sx_n, sx_c, sx_h, sx_w, sg_n, sg_c, sg_h, sg_w, sy_n, sy_c, sy_h, sy_w,
-    FOLD_SUM: tl.constexpr, FOLD_SUMSQ: tl.constexpr,
-    LOWP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FOLD_SUM: tl.constexpr, FOLD_SUMSQ: tl.constexpr, CENTRED: tl.constexpr,
+    LOWP: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grad_w[co, k] = Σ_m grad_y[m, co]·A[m, k], A gathered as in the forward: no upsampled tensor."""
     pid_n = tl.program_id(0).to(tl.int64)  # output channels
@@ -152,15 +165,15 @@ def _upsample_conv_grad_weight_kernel(
         oh = (m // OW) % OH
         ow = m % OW
         a = _gather_upsampled(x_ptr, n, oh, ow, m_ok, k, K, H, W, OH, OW, scale_h, scale_w, sx_n, sx_c, sx_h, sx_w)
-        g = _load_grad(gy_ptr, y_ptr, gsum_ptr, gsumsq_ptr,
+        g = _load_grad(gy_ptr, y_ptr, gsum_ptr, gsumsq_ptr, mean_ptr,
                        co[:, None] * sg_c + n[None, :] * sg_n + oh[None, :] * sg_h + ow[None, :] * sg_w,
                        co[:, None] * sy_c + n[None, :] * sy_n + oh[None, :] * sy_h + ow[None, :] * sy_w,
-                       co[:, None], co_ok[:, None] & m_ok[None, :], FOLD_SUM, FOLD_SUMSQ)
+                       co[:, None], co_ok[:, None] & m_ok[None, :], FOLD_SUM, FOLD_SUMSQ, CENTRED)
         if LOWP:
             lowp = x_ptr.dtype.element_ty
             acc += tl.dot(g.to(lowp), a.to(lowp))
         else:
-            acc += tl.dot(g.to(tl.float32), a, input_precision="ieee")
+            acc += tl.dot(g.to(tl.float32), a, input_precision=FP32_DOT)
     tl.store(gw_ptr + co[:, None] * K + k[None, :], acc, mask=co_ok[:, None] & (k < K)[None, :])
 
 
@@ -180,7 +193,7 @@ def triton_upsample_conv_grad_weight(x: torch.Tensor, grad_y: torch.Tensor, weig
     _upsample_conv_grad_weight_kernel[grid](
         x, grad_y, *fold.pointers(), gw, N, Cin, H, W, Cout, OH, OW, (H - 1) / (OH - 1), (W - 1) / (OW - 1),
         *x.stride(), *grad_y.stride(), *fold.y.stride(), **fold.flags(),
-        LOWP=_tensor_core_dot(x.dtype),
+        LOWP=_tensor_core_dot(x.dtype), FP32_DOT=fp32_dot_precision(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return gw.reshape(weight_shape)
 
@@ -202,12 +215,12 @@ def _bilinear_weight(u, h, scale, H):
 @triton.jit
 def _upsample_conv_grad_input_kernel(
     gy_ptr,  # (N, Cout, OH, OW), strides sg_*
-    y_ptr, gsum_ptr, gsumsq_ptr,  # y (strides sy_*), (Cout,) g_Σ and g_Σ²: read only when folded
+    y_ptr, gsum_ptr, gsumsq_ptr, mean_ptr,  # y (strides sy_*), (Cout,) g_Σ, g_Σ², mean: read only when folded
     w_ptr,  # (Cout·9, Cin) contiguous: the weight with taps first
     gx_ptr,  # (N, Cin, H, W), strides sx_*
     Cin, H, W, Cout, OH, OW, scale_h, scale_w, tiles_h, tiles_w,
     sg_n, sg_c, sg_h, sg_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
-    FOLD_SUM: tl.constexpr, FOLD_SUMSQ: tl.constexpr,
+    FOLD_SUM: tl.constexpr, FOLD_SUMSQ: tl.constexpr, CENTRED: tl.constexpr, FP32_DOT: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, REGION: tl.constexpr, REGION_W: tl.constexpr,
     BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -235,13 +248,13 @@ def _upsample_conv_grad_input_kernel(
         y_row = u[:, None] + 1 - kh[None, :]
         y_col = v[:, None] + 1 - kw[None, :]
         ok = p_ok[:, None] & (k < K)[None, :] & (y_row >= 0) & (y_row < OH) & (y_col >= 0) & (y_col < OW)
-        g = _load_grad(gy_ptr, y_ptr, gsum_ptr, gsumsq_ptr,
+        g = _load_grad(gy_ptr, y_ptr, gsum_ptr, gsumsq_ptr, mean_ptr,
                        n * sg_n + co[None, :] * sg_c + y_row * sg_h + y_col * sg_w,
                        n * sy_n + co[None, :] * sy_c + y_row * sy_h + y_col * sy_w,
-                       co[None, :], ok, FOLD_SUM, FOLD_SUMSQ)
+                       co[None, :], ok, FOLD_SUM, FOLD_SUMSQ, CENTRED)
         wt = tl.load(w_ptr + k[:, None] * Cin + ci[None, :], mask=(k < K)[:, None] & ci_ok[None, :], other=0.0)
-        g_up += tl.dot(g, wt.to(tl.float32), input_precision="ieee")
-    # 2) the bilinear adjoint: grad_x[i] = Σ_p weight(p → i)·g_up[p]
+        g_up += tl.dot(g, wt.to(tl.float32), input_precision=FP32_DOT)
+    # 2) the bilinear adjoint: grad_x[i] = Σ_p weight(p → i)·g_up[p] (exact weights: "ieee")
     i = tl.arange(0, TILE_H * TILE_W)
     h = h_lo + i // TILE_W
     w = w_lo + i % TILE_W
@@ -272,8 +285,17 @@ def triton_upsample_conv_grad_input(grad_y: torch.Tensor, weight: torch.Tensor, 
     _upsample_conv_grad_input_kernel[grid](
         grad_y, *fold.pointers(), w, gx, Cin, H, W, Cout, 2 * H, 2 * W, (H - 1) / (2 * H - 1), (W - 1) / (2 * W - 1),
         tiles_h, tiles_w, *grad_y.stride(), *fold.y.stride(), *gx.stride(), **fold.flags(),
-        TILE_H=TILE_H, TILE_W=TILE_W, REGION=REGION, REGION_W=2 * TILE_W + 4, BLOCK_CI=block_ci, BLOCK_K=block_k)
+        FP32_DOT=fp32_dot_precision(grad_y.dtype), TILE_H=TILE_H, TILE_W=TILE_W, REGION=REGION,
+        REGION_W=2 * TILE_W + 4, BLOCK_CI=block_ci, BLOCK_K=block_k)
     return gx
+
+
+def fp32_dot_precision(dtype: torch.dtype) -> str:
+    """The precision of the fp32 GEMMs for ``dtype`` inputs: for fp32, TF32 tensor cores as cuDNN's
+    convolutions use them unless torch.backends.cudnn.allow_tf32 is off; "ieee" for fp64 (and for
+    bf16 in the interpreter, see _tensor_core_dot) and in the CPU interpreter (numpy has no TF32)."""
+    tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreted()
+    return "tf32" if tf32 else "ieee"
 
 
 def _tensor_core_dot(dtype: torch.dtype) -> bool:
@@ -284,22 +306,30 @@ def _tensor_core_dot(dtype: torch.dtype) -> bool:
 
 def triton_upsample_conv_fwd(x: torch.Tensor, weight: torch.Tensor, stats: bool = True,
                              block_m: int = 64, block_n: int = 32, block_k: int = 32):
-    """(y (N, Cout, 2H, 2W) in x's dtype and layout, Σy (Cout,), Σy² (Cout,)) — the sums are fp32
-    (fp64 for fp64) and empty when ``stats`` is False. Arguments already validated."""
+    """(y (N, Cout, 2H, 2W) in x's dtype and layout, batch mean (Cout,), biased batch variance
+    (Cout,)) — the moments are fp32 (fp64 for fp64) and empty when ``stats`` is False. Arguments
+    already validated."""
     N, Cin, H, W = x.shape
     Cout = weight.shape[0]
     OH, OW = 2 * H, 2 * W
     y = torch.empty((N, Cout, OH, OW), dtype=x.dtype, device=x.device, memory_format=kernel_memory_format(x))
-    total = torch.zeros(Cout if stats else 0, dtype=acc_dtype(x.dtype), device=x.device)
-    total_sq = torch.zeros_like(total)
+    M = N * OH * OW
+    tiles = triton.cdiv(M, block_m)
+    means = torch.zeros((tiles if stats else 0, Cout), dtype=torch.float64, device=x.device)
+    m2s = torch.zeros_like(means)
+    acc = acc_dtype(x.dtype)
     if y.numel() == 0:
-        return y, total, total_sq
+        return y, y.new_zeros(Cout if stats else 0, dtype=acc), y.new_zeros(Cout if stats else 0, dtype=acc)
     w = weight.reshape(Cout, Cin * 9).contiguous()
-    grid = (triton.cdiv(N * OH * OW, block_m), triton.cdiv(Cout, block_n))
+    grid = (tiles, triton.cdiv(Cout, block_n))
     _upsample_conv_fwd_kernel[grid](
-        x, w, y, total, total_sq, N, Cin, H, W, Cout, OH, OW,
+        x, w, y, means, m2s, N, Cin, H, W, Cout, OH, OW,
         (H - 1) / (OH - 1), (W - 1) / (OW - 1),
         *x.stride(), *y.stride(),
-        STATS=stats, LOWP=_tensor_core_dot(x.dtype),
+        STATS=stats, LOWP=_tensor_core_dot(x.dtype), FP32_DOT=fp32_dot_precision(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-    return y, total, total_sq
+    if not stats:
+        return y, y.new_empty(0, dtype=acc), y.new_empty(0, dtype=acc)
+    counts = (M - torch.arange(tiles, device=x.device) * block_m).clamp_max(block_m)
+    mean, var = chan_combine(counts, means, m2s)
+    return y, mean.to(acc), var.to(acc)
