@@ -60,3 +60,36 @@ def test_ema_update(benchmark, device, request, workload, provider):
     benchmark.group = f"ema {workload} ({len(shapes)} tensors, {n / 1e6:.1f}M fp32) {device.type}"
     timed(benchmark, make_update(provider, ema, cur), device,
           bytes_moved=(8 if provider == "copy" else 12) * n, provider=provider, baseline="foreach")
+
+
+# Host cost: 4-element tensors, so that only the per-call Python/C++ work counts. The cost per
+# additional tensor is (mean at 161 − mean at 1) / 160 (issue #12 targets: ≤ 0.5 µs FusedEMA.update,
+# ≤ 1 µs ema_update_; eager torch._foreach_lerp_ for comparison).
+HOST_PROVIDERS = ["foreach", "madfast_ema_update", "madfast_fused_ema"]
+
+
+class _Params(torch.nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.params = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(4)) for _ in range(n)])
+
+
+@pytest.mark.parametrize("provider", HOST_PROVIDERS)
+@pytest.mark.parametrize("n_tensors", [1, 161])
+def test_ema_host_cost(benchmark, device, n_tensors, provider):
+    from madfast import FusedEMA
+
+    if device.type != "cpu":
+        pytest.skip("host cost is measured with CPU tensors (no kernel time to hide it)")
+    model = _Params(n_tensors)
+    ema_model = FusedEMA(model, decay=DECAY, backend="cpp")
+    ema, cur = list(ema_model.module.parameters()), list(model.parameters())
+    fn = {"foreach": lambda: torch._foreach_lerp_(ema, cur, 1.0 - DECAY),
+          "madfast_ema_update": lambda: ema_update_(ema, cur, DECAY, backend="cpp"),
+          "madfast_fused_ema": lambda: ema_model.update(model)}[provider]
+    fn = torch.no_grad()(fn)  # a constant per call, the same for every provider
+    fn()
+    benchmark.group = f"ema host cost, {n_tensors} tensors of 4 fp32 (cpu)"
+    benchmark.extra_info.update(provider=provider, baseline="foreach", n_tensors=n_tensors, bytes=12 * 4 * n_tensors)
+    benchmark.pedantic(fn, rounds=2000, iterations=5, warmup_rounds=100)
+    benchmark.extra_info["gbps"] = 12 * 4 * n_tensors / benchmark.stats.stats.mean / 1e9
