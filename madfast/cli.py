@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/demo-<time>)")
     p.add_argument("--steps", type=int, help="adversarial iterations (default: the demo's 700)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--ablation", action="store_true", help="run MAD, no-EMA and no-adversarial-term on the same "
+                   "seeds and print student accuracy mean ± std per variant (OUT/ablation.json)")
+    p.add_argument("--seeds", default="0,1,2", metavar="S,S,...", help="seeds of --ablation (default: 0,1,2)")
 
     _config_parser(sub, "train-teacher", TeacherConfig, "supervised training of a teacher on a local data set")
     p = _config_parser(sub, "distill", DistillConfig, "data-free distillation of a teacher into a student with MAD",
@@ -88,10 +91,29 @@ def _cmd_demo(args) -> int:
     from madfast.train.demo import run_demo
 
     out = args.out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
+    if args.steps is not None and args.steps < 1:
+        raise UsageError("--steps must be ≥ 1")
+    if args.ablation:
+        return _demo_ablation(args, out)
     overrides = {"steps": args.steps} if args.steps else {}
     m = run_demo(out, seed=args.seed, progress=args.progress, distill_overrides=overrides)
     print(f"teacher test accuracy {m['teacher_acc']:.2f}%  student test accuracy {m['student_acc']:.2f}%  "
           f"ratio {m['ratio']:.3f}  ({m['seconds']:.0f} s)  → {out}/metrics.json, samples.png, curves.png")
+    return 0
+
+
+def _demo_ablation(args, out: str) -> int:
+    from madfast.train.demo import format_ablation, run_ablation
+
+    try:
+        seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds must name distinct seeds, got {args.seeds!r}")
+    result = run_ablation(out, seeds, steps=args.steps, progress=args.progress)
+    print(format_ablation(result))
+    print(f"→ {out}/ablation.json")
     return 0
 
 
