@@ -126,7 +126,7 @@ class FusedEMA(nn.Module):
         non_persistent = {f"{prefix}.{b}" if prefix else b
                           for prefix, m in self.module.named_modules() for b in m._non_persistent_buffers_set}
         self._persistent = [name not in non_persistent for name, _ in self.module.named_buffers()]
-        self._updates = 0  # stochastic rounding's step counter
+        self._updates = [0]  # stochastic rounding's step counter
         self._plans: dict = {}
         _watch_module_structure()
 
@@ -176,27 +176,31 @@ class FusedEMA(nn.Module):
         plan = self._plans.get(key)
         if plan is None or not plan.valid_for(model):
             plan = self._plans[key] = _ModelPlan(*self._collect(model, kind), model, self.backend)
-        plan.update_(decay, seed, self._updates)
+        plan.update_(decay, seed, self._updates[0])
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int | None = None) -> None:
         """Moves the EMA toward ``model`` with ``get_decay(step)``."""
         decay = self.get_decay(step)
-        if self.exclude_buffers:
-            self.apply_update_no_buffers_(model, decay)
-        else:
-            self.apply_update_(model, decay)
+        (self._update_no_buffers if self.exclude_buffers else self._update)(model, decay)
 
     @torch.no_grad()
     def apply_update_(self, model: nn.Module, decay: float | torch.Tensor) -> None:
         """Averages parameters and persistent buffers with ``decay`` (integer buffers copied)."""
-        check_decay(decay)
-        self._apply_kind(model, "state", decay)
-        self._count_update()
+        self._update(model, decay)
 
     @torch.no_grad()
     def apply_update_no_buffers_(self, model: nn.Module, decay: float | torch.Tensor) -> None:
         """Averages parameters with ``decay`` and copies every buffer."""
+        self._update_no_buffers(model, decay)
+
+    # (undecorated: update() is already under no_grad, and each context manager costs µs per call)
+    def _update(self, model: nn.Module, decay) -> None:
+        check_decay(decay)
+        self._apply_kind(model, "state", decay)
+        self._count_update()
+
+    def _update_no_buffers(self, model: nn.Module, decay) -> None:
         check_decay(decay)
         self._apply_kind(model, "params", decay)
         self._apply_kind(model, "buffers", 0.0)
@@ -204,7 +208,7 @@ class FusedEMA(nn.Module):
 
     def _count_update(self) -> None:
         if not torch.compiler.is_compiling():
-            self._updates += 1
+            self._updates[0] += 1  # a list: no nn.Module.__setattr__ per update
 
     @torch.no_grad()
     def set(self, model: nn.Module) -> None:
