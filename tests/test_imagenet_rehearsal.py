@@ -19,13 +19,15 @@ CLASSES = 1000
 
 
 def _image_folder(root) -> str:
-    """val/<1000 classes>/ with one tiny random image each (resized to 64 px when read)."""
+    """val/<1000 classes>/ with one tiny random image each, two in class 0 (1001 images: two ranks'
+    shards differ in size, and a padding sampler would count an image twice); resized to 64 px when read."""
     g = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (CLASSES, 8, 8, 3), generator=g, dtype=torch.uint8).numpy()
     for k in range(CLASSES):
         d = os.path.join(root, "val", f"n{k:08d}")
         os.makedirs(d)
         Image.fromarray(pixels[k]).save(os.path.join(d, "0.png"))
+    Image.fromarray(pixels[1]).save(os.path.join(root, "val", f"n{0:08d}", "1.png"))
     return str(root)
 
 
@@ -47,7 +49,12 @@ def test_imagenet_shape_rehearsal(tmp_path):
     data = _image_folder(tmp_path / "imagenet")
     torch.manual_seed(0)
     teacher = tmp_path / "resnet18.pth"
-    torch.save(build_model("resnet18", CLASSES).state_dict(), teacher)  # torchvision's own layout, plain
+    model = build_model("resnet18", CLASSES)
+    with torch.no_grad():  # always class 0: top-1 is 2 of 1001 images, exactly (a per-rank count is not)
+        model.fc.weight.zero_()
+        model.fc.bias.zero_()
+        model.fc.bias[0] = 1.0
+    torch.save(model.state_dict(), teacher)  # torchvision's own layout, plain
     out = tmp_path / "run"
     small = ["--img-size", "64", "--teacher", "resnet18", "--teacher-ckpt", str(teacher), "--data-dir", data,
              "--nz", "16", "--ngf", "8", "--batch-size", "8", "--steps", "2", "--g-pretrain-steps", "1",
@@ -64,7 +71,8 @@ def test_imagenet_shape_rehearsal(tmp_path):
     r = _run([sys.executable, "-m", "madfast", "eval", str(teacher), "--model", "resnet18", "--dataset", "imagenet",
               "--data-dir", data, "--img-size", "64", "--device", "cpu", "--num-workers", "0"])
     one_rank = json.loads(r.stdout)
-    assert two_rank["teacher_acc"] == pytest.approx(one_rank["top1"], abs=1e-9)
+    assert two_rank["teacher_acc"] == pytest.approx(100 * 2 / 1001)
+    assert one_rank["top1"] == pytest.approx(100 * 2 / 1001)
     assert 0 <= two_rank["student_acc"] <= 100
     # resume on one process: not bit-exact, warned, and it finishes
     r = _run([sys.executable, "-m", "madfast", "distill", "--resume", str(out), "--no-progress", "--no-check-teacher"])
