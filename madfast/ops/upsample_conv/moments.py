@@ -56,9 +56,9 @@ if importlib.util.find_spec("triton") is not None:
         # values are taken relative to the split's first one, so that the block sums stay small
         n0 = lo // HW
         pivot = tl.load(y_ptr + n0 * s_n + c * s_c + (lo - n0 * HW) * s_hw, mask=lo < hi, other=0.0).to(tl.float32)
-        count = 0.0
-        mean = 0.0
-        m2 = 0.0
+        count = tl.full((), 0.0, tl.float32)  # loop-carried fp32 scalars
+        mean = tl.full((), 0.0, tl.float32)
+        m2 = tl.full((), 0.0, tl.float32)
         for start in range(lo, hi, BLOCK):
             i = start + tl.arange(0, BLOCK).to(tl.int64)
             mask = i < hi
