@@ -262,9 +262,12 @@ def test_bn_prior_sees_every_bn_layer(compiled):
     noise = torch.Generator().set_state(task.noise.get_state())
     z = torch.randn(B, NZ, generator=noise)
     y = torch.randint(0, C, (B,), generator=noise)
+    g0 = params(task.g_raw)
     out = task.generator_step(pretrain=True)
     want = bn_prior(t64, to_input(g64(z.double(), y)))
     assert out["g_bn"].item() == pytest.approx(want, rel=1e-4)
+    # λ_ce = 0: only the BN prior's gradient can have moved G
+    assert all(not torch.equal(a, b) for a, b in zip(g0, params(task.g_raw)) if a.dim() > 1)
 
 
 @pytest.mark.parametrize("gen_output", ["tanh", "sigmoid"])
