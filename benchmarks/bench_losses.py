@@ -3,7 +3,9 @@ madfast backend; forward and forward+backward.
 
 - KL and bounded adversarial loss, B ∈ {256, 1024} × C ∈ {10, 100, 1000, 21843};
 - BN-statistics loss on the BN-input shapes of a CIFAR ResNet-34 at 32 px (batch 256) and a
-  ResNet-50 at 224 px (batch 64), and summed over every BN layer of one ResNet-50 forward.
+  ResNet-50 at 224 px (batch 64), and summed over every BN layer of one ResNet-50 forward (madfast:
+  one bn_stat_losses call for all layers);
+- the host time BNStatHook adds per BN layer (53 tiny layers, so kernels cost nothing).
 Bytes moved (for GB/s) count one read of each input and one write of each gradient.
 MADFAST_BENCH_SCALE shrinks the batch (e.g. 8 on a CPU); the group name gives the shapes run.
 """
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from madfast.ops import adversarial_loss, bn_stat_loss, kl_div
+from madfast.ops.bn_stats import bn_stat_losses
 
 SCALE = int(os.environ.get("MADFAST_BENCH_SCALE", "1"))
 PROVIDERS = ["eager", "compiled", "madfast_cpp", "madfast_triton", "madfast_cuda"]
@@ -115,10 +118,47 @@ def test_bn_stat_loss_resnet50_forward(benchmark, device, request, provider):
     for h in hooks:
         h.remove()
     acts = [x.requires_grad_() for x, _, _ in inputs]
+    rms, rvs = [rm for _, rm, _ in inputs], [rv for _, _, rv in inputs]
 
     def run():
-        sum(fn(x, rm, rv) for x, (_, rm, rv) in zip(acts, inputs)).backward()
+        if provider.startswith("madfast_"):  # every layer in one call, as BNStatHook does
+            bn_stat_losses(acts, rms, rvs, backend=provider.removeprefix("madfast_")).backward()
+        else:
+            sum(fn(x, rm, rv) for x, rm, rv in zip(acts, rms, rvs)).backward()
 
     benchmark.group = f"bn_stat fwd_bwd resnet50 224px batch {batch} ({len(acts)} layers) fp32 {device.type}"
     timed(benchmark, run, device, bytes_moved=3 * sum(x.numel() * x.element_size() for x in acts),
           provider=provider, baseline="eager")
+
+
+@pytest.mark.parametrize("provider", ["eager", "madfast_cpp"])
+def test_bn_hook_host_time(benchmark, device, request, provider):
+    """Host time of a BN prior over 53 BN layers of 2×4×2×2 inputs (kernels cost nothing): a teacher
+    forward with BNStatHook, hook.loss and the backward. Eager: the loss of each layer summed in a
+    pre-hook (what the hook did before deferring)."""
+    from conftest import madfast_backend, timed
+
+    layers = 53
+    teacher = torch.nn.Sequential(*[torch.nn.BatchNorm2d(4) for _ in range(layers)]).to(device).eval()
+    teacher.requires_grad_(False)
+    x = torch.randn(2, 4, 2, 2, device=device)
+    if provider == "eager":
+        losses = []
+        for bn in teacher:
+            bn.register_forward_pre_hook(lambda m, a: losses.append(eager_bn(a[0], m.running_mean, m.running_var)))
+
+        def run():
+            losses.clear()
+            out = teacher(x.clone().requires_grad_()).sum() + sum(losses)
+            out.backward()
+    else:
+        from madfast.nn import BNStatHook
+
+        hook = BNStatHook(teacher, backend=madfast_backend(provider, "channel_moments", device, request))
+
+        def run():
+            out = teacher(x.clone().requires_grad_()).sum() + hook.loss
+            out.backward()
+
+    benchmark.group = f"bn hook host time, {layers} layers of 2x4x2x2 fp32 {device.type}"
+    timed(benchmark, run, device, bytes_moved=0, provider=provider, baseline="eager")

@@ -20,7 +20,7 @@ def _cuda_build_expected() -> bool:
     return found if forced is None else forced == "1"
 
 
-COMPILED_OPS = ["ema_update_", "kl_div_fwd", "l1_fwd", "channel_moments", "channel_moments_backward", "upsample_conv",
+COMPILED_OPS = ["ema_update_", "kl_div_fwd", "kl_div_bwd", "l1_fwd", "l1_bwd", "channel_moments", "channel_moments_backward", "upsample_conv",
                 "upsample_conv_backward", "bn_lrelu", "bn_lrelu_backward"]
 
 

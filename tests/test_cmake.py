@@ -51,9 +51,10 @@ def test_cmake_build_loads_and_runs(tmp_path):
         torch.ops.madfast.ema_update_(ema, cur, torch.tensor(0.75))
         assert torch.equal(ema[0], torch.full((5,), 0.25)) and torch.equal(ema[1], torch.full((2, 3), 0.25, dtype=torch.bfloat16))
         s, t = torch.randn(3, 7), torch.randn(3, 7)
-        rows, gs, gt = torch.ops.madfast.kl_div_fwd(s, t, 2.0, True, False)
+        rows, stats, total = torch.ops.madfast.kl_div_fwd(s, t, 2.0, "none", 1.0, None)
         ref = torch.nn.functional.kl_div(torch.log_softmax(s / 2, 1), torch.log_softmax(t / 2, 1), reduction="none",
                                          log_target=True).sum(1) * 4
+        gs, gt = torch.ops.madfast.kl_div_bwd(torch.ones(3), s, t, stats, total, 2.0, "none", 1.0, None, True, False)
         assert torch.allclose(rows, ref, atol=1e-5) and gs.shape == (3, 7) and gt.numel() == 0
         print("ok")
     """)

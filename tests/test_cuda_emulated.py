@@ -117,19 +117,63 @@ def close(ours, theirs, dtype):
     assert rel_err(ours, theirs) <= tol, rel_err(ours, theirs)
 
 
+def expected_logit_loss(s, t, kind, tau, reduction, sign, bound, grad):
+    """loss, D, grad_s, grad_t in fp64, written out here (log_softmax and autograd, no madfast code)."""
+    s, t = s.double().requires_grad_(), t.double().requires_grad_()
+    if kind == "kl":
+        lps, lpt = torch.log_softmax(s / tau, 1), torch.log_softmax(t / tau, 1)
+        rows = (lpt.exp() * (lpt - lps)).sum(1) * tau**2
+    else:
+        rows = (s - t).abs().sum(1)
+    if reduction == "none":
+        loss = d = rows
+    else:
+        d = rows.sum() / {"sum": 1, "batchmean": s.shape[0], "mean": s.numel()}[reduction]
+        loss = sign * (torch.clamp(d, max=bound) if bound is not None else d)
+    gs, gt = torch.autograd.grad(loss, (s, t), grad.double())
+    return loss.detach(), d.detach(), gs, gt
+
+
+# (B, C, t's column offset): groups of 8 threads (C <= 128; 40 rows: a second block mostly past B),
+# of a warp (C = 1000: the backward splits columns over blocks) and of the block (C > 2048, odd: rows
+# not 16-byte aligned, a scalar head and tail); t offset by a column: no common alignment, scalar loads.
+LOGIT_CASES = [(40, 5, 0), (9, 33, 1), (3, 1000, 0), (2, 2051, 0), (2, 2600, 1)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (9, 33), (3, 1000)], ids=lambda s: "x".join(map(str, s)))
-def test_emulated_logit_losses(emulated, shape, dtype):
-    """One warp per row, eight rows per block: 9 rows leave a block with seven warps that return at
-    once; C = 1000 takes many steps of the online softmax per lane."""
+@pytest.mark.parametrize("case", LOGIT_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_emulated_logit_losses(emulated, case, dtype):
+    """Forward (row statistics + the one-block second stage) and backward against fp64 formulas,
+    for every reduction, a bound that is hit and one that is not, and a strided grad_output."""
+    B, C, offset = case
     g = torch.Generator().manual_seed(4)
-    s, t = (torch.randn(shape, generator=g) * 3).to(dtype), (torch.randn(shape, generator=g) * 3).to(dtype)
-    for tau in (1.0, 4.0):
-        for ours, theirs in zip(emulated.kl_div_fwd(s, t, tau, True, True),
-                                torch.ops.madfast.kl_div_fwd(s, t, tau, True, True)):
-            close(ours, theirs, dtype)
-    for ours, theirs in zip(emulated.l1_fwd(s, t, True), torch.ops.madfast.l1_fwd(s, t, True)):
-        close(ours, theirs, dtype)
+    s = (torch.randn(B, C, generator=g) * 3).to(dtype)
+    t = (torch.randn(B, C + offset, generator=g) * 3).to(dtype)[:, offset:]
+    tol = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
+    configs = [("kl", 2.0, "batchmean", 1.0, None), ("kl", 1.0, "none", 1.0, None), ("kl", 4.0, "sum", -1.0, 1e9),
+               ("kl", 1.0, "batchmean", -1.0, 1e-3), ("l1", 1.0, "mean", -1.0, None), ("l1", 1.0, "none", 1.0, None),
+               ("l1", 1.0, "mean", -1.0, 1e-3)]
+    for kind, tau, reduction, sign, bound in configs:
+        grad = (torch.randn(2 * B, generator=g).to(dtype)[::2] if reduction == "none"
+                else torch.tensor(1.5, dtype=dtype))
+        loss, d, gs, gt = expected_logit_loss(s, t, kind, tau, reduction, sign, bound, grad)
+        if kind == "kl":
+            out, stats, total = emulated.kl_div_fwd(s, t, tau, reduction, sign, bound)
+            ours = emulated.kl_div_bwd(grad, s, t, stats, total, tau, reduction, sign, bound, True, True)
+        else:
+            out, total = emulated.l1_fwd(s, t, reduction, sign, bound)
+            ours = emulated.l1_bwd(grad, s, t, total, reduction, sign, bound, True, True)
+        what = f"{kind} {reduction} bound={bound}"
+        assert out.dtype == dtype and out.shape == loss.shape, what
+        assert rel_err(out, loss) <= tol, (what, rel_err(out, loss))
+        if reduction != "none":
+            assert rel_err(total, d) <= tol, (what, rel_err(total, d))
+        for name, a, b in (("grad s", ours[0], gs), ("grad t", ours[1], gt)):
+            assert a.dtype == dtype and a.shape == (B, C), (what, name)
+            if b.abs().max() == 0:  # past the bound: exactly zero
+                assert a.abs().max() == 0, (what, name)
+            else:
+                assert rel_err(a, b) <= 2 * tol, (what, name, rel_err(a, b))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])

@@ -82,3 +82,42 @@ def test_bn_stat_hook_under_compiled_teacher():
     compiled = torch.compile(teacher, backend="aot_eager")
     compiled(x)
     torch.testing.assert_close(hook.loss, eager)
+
+
+def test_bn_stat_hook_one_op_for_every_layer():
+    """On the C++ backend the hook adds one forward op and one backward op for all BN layers,
+    computed when hook.loss is read."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from madfast import _backend
+
+    assert _backend.has_kernel("bn_stat_losses", "CPU")  # the extension is always built with it (test_build.py)
+
+    class Madfast(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "madfast":
+                self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    teacher = trained_teacher()
+    hook = BNStatHook(teacher, backend="cpp")
+    x = torch.randn(4, 3, 8, 8, requires_grad=True)
+    with Madfast() as mode:
+        teacher(x)
+        assert mode.ops == []  # deferred
+        loss = hook.loss
+        assert hook.loss is loss  # computed once
+        loss.backward()
+    assert mode.ops == ["bn_stat_losses", "bn_stat_losses_backward"]
+    expected = hook_reference(teacher, x.detach())
+    torch.testing.assert_close(loss, expected)
+
+
+def hook_reference(teacher, x):
+    bn1, bn2 = teacher.features[1], teacher.features[4]
+    act1 = teacher.features[0](x)
+    act2 = teacher.features[3](teacher.features[2](bn1(act1)))
+    return bn_stat_loss(act1, bn1.running_mean, bn1.running_var, backend="torch") + \
+        bn_stat_loss(act2, bn2.running_mean, bn2.running_var, backend="torch")

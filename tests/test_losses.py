@@ -8,8 +8,9 @@ small floor per dtype where PyTorch happens to be exact.
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import DEVICES, assert_within, backends_for, skip_unless_available
+from conftest import DEVICES, assert_within, backends_for, rel_err, skip_unless_available
 from madfast.ops import adversarial_loss, bn_stat_loss, kl_div
 from madfast.ops.kl import torch_kl_div
 
@@ -186,15 +187,89 @@ def test_opcheck(device, backend):
     from madfast._backend import compiled_op
 
     s, t = logits((5, 11), torch.float32, device)
-    for grads in [(True, True), (True, False), (False, False)]:
-        torch.library.opcheck(compiled_op("kl_div_fwd", backend),
-                              (s.clone().requires_grad_(grads[0]), t.clone().requires_grad_(grads[1]), 2.0, *grads))
-    torch.library.opcheck(compiled_op("l1_fwd", backend), (s.clone().requires_grad_(), t, True))
+    for reduction, sign, bound in [("batchmean", 1.0, None), ("none", 1.0, None), ("sum", -1.0, 0.5), ("mean", 1.0, None)]:
+        for grads in [(True, True), (True, False), (False, False)]:
+            args = (s.clone().requires_grad_(grads[0]), t.clone().requires_grad_(grads[1]))
+            torch.library.opcheck(compiled_op("kl_div_fwd", backend), (*args, 2.0, reduction, sign, bound))
+            torch.library.opcheck(compiled_op("l1_fwd", backend), (*args, reduction, sign, bound))
+    loss, stats, total = compiled_op("kl_div_fwd", backend)(s, t, 2.0, "batchmean", -1.0, 3.0)
+    grad = torch.ones((), device=device)
+    torch.library.opcheck(compiled_op("kl_div_bwd", backend),
+                          (grad, s, t, stats, total, 2.0, "batchmean", -1.0, 3.0, True, False))
+    loss, total = compiled_op("l1_fwd", backend)(s, t, "mean", -1.0, None)
+    torch.library.opcheck(compiled_op("l1_bwd", backend), (grad, s, t, total, "mean", -1.0, None, False, True))
     x = torch.randn(2, 3, 5, 4, device=device, requires_grad=True)
     torch.library.opcheck(compiled_op("channel_moments", backend), (x,))
     mean = x.detach().mean((0, 2, 3))
     torch.library.opcheck(compiled_op("channel_moments_backward", backend),
                           (torch.randn(3, device=device), torch.randn(3, device=device), x.detach(), mean))
+    if backend == "cpp":
+        xs = [x, torch.randn(3, 4, 2, 2, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()]
+        stats = ([torch.randn(3, device=device), torch.zeros(4, device=device)],
+                 [torch.rand(3, device=device), torch.ones(4, device=device)])
+        torch.library.opcheck(torch.ops.madfast.bn_stat_losses, (xs, *stats))
+        loss, moments, norms = torch.ops.madfast.bn_stat_losses(xs, *stats)
+        torch.library.opcheck(torch.ops.madfast.bn_stat_losses_backward,
+                              (torch.ones((), device=device), [t.detach() for t in xs], *stats, moments, norms))
+
+
+class CountOps(TorchDispatchMode):
+    """Every op dispatched, and the bytes of every tensor each one returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.outputs = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append(str(func.overloadpacket.__name__))
+        flat = out if isinstance(out, (tuple, list)) else [out]
+        self.outputs += [(str(func), tuple(o.shape), o.numel() * o.element_size()) for o in flat
+                         if isinstance(o, torch.Tensor)]
+        return out
+
+
+@pytest.mark.parametrize("call", ["kl_batchmean", "kl_none", "adversarial_kl", "adversarial_l1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_forward_backward_is_two_kernels_without_bxc_temporaries(call, dtype):
+    """On the C++ path (the same dispatcher ops as CUDA's) a forward+backward dispatches exactly the
+    forward and the backward op, no host sync (that would be _local_scalar_dense) and no (B, C)
+    tensor but the two returned gradients."""
+    skip_unless_available("kl_div_fwd", "cpp", "cpu")
+    B, C = 64, 1000
+    s, t = logits((B, C), dtype, "cpu")
+    s, t = s.requires_grad_(), t.requires_grad_()
+    fn = {"kl_batchmean": lambda: kl_div(s, t, 4.0, backend="cpp"),
+          "kl_none": lambda: kl_div(s, t, 4.0, "none", backend="cpp"),
+          "adversarial_kl": lambda: adversarial_loss(s, t, 3.0, "kl", 2.0, backend="cpp"),
+          "adversarial_l1": lambda: adversarial_loss(s, t, 0.5, "l1", backend="cpp")}[call]
+    grad_out = torch.ones(B, dtype=dtype) if call == "kl_none" else torch.ones((), dtype=dtype)
+    with CountOps() as mode:
+        loss = fn()
+        gs, gt = torch.autograd.grad(loss, (s, t), grad_out)
+    kind = "l1" if call.endswith("l1") else "kl_div"
+    assert mode.ops == [f"{kind}_fwd", f"{kind}_bwd"], mode.ops
+    big = [o for o in mode.outputs if o[2] >= B * C]
+    assert [o[1] for o in big] == [(B, C), (B, C)], big  # just the gradients
+    it = s.element_size()
+    small = (5 * B * 4 if kind == "kl_div" else 0) + (B * it if call == "kl_none" else it + 4)  # stats, loss, D
+    assert sum(o[2] for o in mode.outputs) == 2 * B * C * it + small, mode.outputs
+    assert gs.dtype == gt.dtype == dtype
+
+
+@pytest.mark.parametrize("device,backend", [c for c in CASES if c[1] != "torch"])
+def test_kl_div_none_with_strided_grad_output(device, backend):
+    """The backward reads grad_output through its stride (an expanded or sliced (B,) gradient)."""
+    skip_unless_available("kl_div_fwd", backend, device)
+    s, t = logits((6, 20), torch.float32, device)
+    s64, t64 = s.double().requires_grad_(), t.double().requires_grad_()
+    ref = eager_kl(s64, t64, 3.0, "none").sum(1)
+    for grad in (torch.tensor(2.5, device=device).expand(6), torch.arange(12.0, device=device)[::2]):
+        expected = torch.autograd.grad(ref, (s64, t64), grad.double(), retain_graph=True)
+        s1, t1 = s.clone().requires_grad_(), t.clone().requires_grad_()
+        ours = torch.autograd.grad(kl_div(s1, t1, 3.0, "none", backend=backend), (s1, t1), grad)
+        for a, b in zip(ours, expected):
+            torch.testing.assert_close(a.double(), b, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("device,backend", CASES)
@@ -241,3 +316,106 @@ def test_bad_input(device, backend):
     for exc, match, call in cases:
         with pytest.raises(exc, match=match):
             call()
+
+
+def bn_layers(seed=0):
+    """BN inputs of several layouts and dtypes, with running statistics (float64 and fp32)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [((4, 3, 9, 7), torch.float32, "contiguous"), ((2, 70, 5, 6), torch.float32, "channels_last"),
+              ((3, 5, 4, 45), torch.bfloat16, "contiguous"), ((5, 8, 1, 1), torch.float32, "channels_last"),
+              ((2, 4, 6, 5), torch.float32, "strided"), ((2, 16, 50, 50), torch.float32, "contiguous")]
+    xs, rms, rvs = [], [], []
+    for shape, dtype, layout in shapes:
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 3).to(dtype)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif layout == "strided":
+            x = x.transpose(2, 3).contiguous().transpose(2, 3)
+        xs.append(x)
+        rms.append(torch.randn(shape[1], generator=g))
+        rvs.append(torch.rand(shape[1], generator=g, dtype=torch.float64) + 0.5)
+    return xs, rms, rvs
+
+
+def expected_bn_losses(xs, rms, rvs):
+    """Σ_l ‖mean_l − rm_l‖ + ‖var_l − rv_l‖ and every grad_x, in fp64 (var_mean and autograd)."""
+    xs64 = [x.double().requires_grad_() for x in xs]
+    total = 0
+    for x, rm, rv in zip(xs64, rms, rvs):
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+        total = total + torch.linalg.vector_norm(mean - rm.double()) + torch.linalg.vector_norm(var - rv.double())
+    return total.detach(), torch.autograd.grad(total, xs64)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
+def test_bn_stat_losses_many_layers(backend):
+    skip_unless_available("channel_moments", backend, "cpu")
+    from madfast.ops.bn_stats import bn_stat_losses
+
+    xs, rms, rvs = bn_layers()
+    loss, grads = expected_bn_losses(xs, rms, rvs)
+    ours_x = [x.detach().clone().requires_grad_() for x in xs]
+    ours = bn_stat_losses(ours_x, rms, rvs, backend=backend)
+    assert ours.dtype == torch.float32 and ours.dim() == 0
+    (ours * 2).backward()
+    assert rel_err(ours, loss) <= 1e-5
+    for x, ours_g, g in zip(xs, [x.grad for x in ours_x], grads):
+        assert ours_g.dtype == x.dtype
+        tol = 1e-2 if x.dtype == torch.bfloat16 else 1e-5
+        assert rel_err(ours_g, 2 * g) <= tol, rel_err(ours_g, 2 * g)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bn_moments_exact_when_mean_dwarfs_std(backend, channels_last):
+    """|mean| = 1000·std: E[x²] − E[x]² in fp32 would lose every digit; the variance must match the
+    fp64 moments of the same fp32 values to 1e-4."""
+    skip_unless_available("channel_moments", backend, "cpu")
+    from madfast.ops.bn_stats import channel_moments
+
+    g = torch.Generator().manual_seed(3)
+    x = (1000 + torch.randn(3, 4, 37, 41, generator=g, dtype=torch.float64)).float()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    var, mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+    ours_mean, ours_var = channel_moments(x, backend=backend)
+    assert rel_err(ours_mean, mean) <= 1e-6
+    assert rel_err(ours_var, var) <= 1e-4, rel_err(ours_var, var)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bn_stat_losses_cpp_deterministic_across_threads(channels_last):
+    """A fixed split and a fixed combine order: bitwise the same on 1 and 2 threads."""
+    skip_unless_available("channel_moments", "cpp", "cpu")
+    from madfast.ops.bn_stats import bn_stat_losses
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 24, 33, 35, generator=g) * 3 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    rm, rv = torch.zeros(24), torch.ones(24)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            xr = x.clone().requires_grad_()
+            loss = bn_stat_losses([xr], [rm], [rv], backend="cpp")
+            loss.backward()
+            results.append((loss.detach(), xr.grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_bn_stat_losses_bad_input_names_the_layer():
+    skip_unless_available("channel_moments", "cpp", "cpu")
+    from madfast.ops.bn_stats import bn_stat_losses
+
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"running_var\[1\] has shape \[2\] but x\[1\] has 3 channels"):
+        bn_stat_losses([x, x], [torch.zeros(3)] * 2, [torch.ones(3), torch.ones(2)], backend="cpp")
+    with pytest.raises(TypeError, match=r"x\[0\] must be floating"):
+        bn_stat_losses([x.long()], [torch.zeros(3)], [torch.ones(3)], backend="cpp")
+    with pytest.raises(ValueError, match="x has 2 tensors but running_mean has 1"):
+        bn_stat_losses([x, x], [torch.zeros(3)], [torch.ones(3)], backend="cpp")

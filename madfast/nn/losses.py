@@ -7,7 +7,8 @@ import contextlib
 import torch
 from torch import nn
 
-from madfast.ops import adversarial_loss, bn_stat_loss, kl_div
+from madfast.ops import adversarial_loss, kl_div
+from madfast.ops.bn_stats import bn_stat_losses
 
 __all__ = ["KLDivLoss", "AdversarialLoss", "BNStatHook"]
 
@@ -40,15 +41,20 @@ class BNStatHook:
     """Registers DeepInversion's BN-statistics loss on every BatchNorm2d of a (frozen) teacher.
 
     After each teacher forward, ``hook.loss`` is the sum over those layers of
-    ``bn_stat_loss(input, running_mean, running_var)`` for that forward (a 0-d tensor, or None
-    before the first forward). ``with hook.paused():`` skips the computation for forwards that
-    do not need it (the student step's teacher pass); ``remove()`` takes the hooks off.
+    ``bn_stat_loss(input, running_mean, running_var)`` for that forward (a 0-d fp32 tensor, fp64 for
+    fp64 inputs, or None before the first forward). The forward only keeps each layer's input (it
+    is alive for backward anyway); reading ``hook.loss`` computes every layer at once (one op on the
+    C++ backend) against the running statistics as they are then — the teacher is frozen.
+    ``with hook.paused():`` skips forwards that do not need it (the student step's teacher pass);
+    ``remove()`` takes the hooks off.
     """
 
     def __init__(self, teacher: nn.Module, backend: str = "auto"):
         self.backend = backend
         self.enabled = True
-        self._losses: list[torch.Tensor] = []
+        self._inputs: list[tuple[torch.Tensor, nn.BatchNorm2d]] = []  # deferred to hook.loss
+        self._losses: list[torch.Tensor] = []  # computed in the forward (subclasses: GlobalBNStatHook)
+        self._loss: tuple[tuple[int, int], torch.Tensor] | None = None  # (what it covers, the sum)
         bns = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
         if not bns:
             raise ValueError("BNStatHook: the teacher has no BatchNorm2d layer")
@@ -56,11 +62,13 @@ class BNStatHook:
         self._handles += [bn.register_forward_pre_hook(self._record) for bn in bns]
 
     def _reset(self, module, args) -> None:
+        self._inputs.clear()
         self._losses.clear()
+        self._loss = None
 
     def _record(self, bn: nn.BatchNorm2d, args) -> None:
         if self.enabled:
-            self._losses.append(bn_stat_loss(args[0], bn.running_mean, bn.running_var, backend=self.backend))
+            self._inputs.append((args[0], bn))
 
     @contextlib.contextmanager
     def paused(self):
@@ -72,7 +80,18 @@ class BNStatHook:
 
     @property
     def loss(self) -> torch.Tensor | None:
-        return torch.stack([l.float() for l in self._losses]).sum() if self._losses else None
+        covers = (len(self._inputs), len(self._losses))
+        if self._loss is None or self._loss[0] != covers:
+            parts = list(self._losses)
+            devices: dict[torch.device, list] = {}  # one call per device
+            for x, bn in self._inputs:
+                devices.setdefault(x.device, []).append((x, bn))
+            parts += [bn_stat_losses([x for x, _ in g], [bn.running_mean for _, bn in g],
+                                     [bn.running_var for _, bn in g], backend=self.backend) for g in devices.values()]
+            if not parts:
+                return None
+            self._loss = (covers, parts[0] if len(parts) == 1 else torch.stack([p.float() for p in parts]).sum())
+        return self._loss[1]
 
     def remove(self) -> None:
         for h in self._handles:

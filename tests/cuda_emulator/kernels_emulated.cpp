@@ -55,10 +55,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     if (!ema.empty())
       mf::ema_kernels::update_gpu(ema, params, decay, decay_value, sr_seed, sr_step, host_table, table, launch);
   });
-  m.def("kl_div_fwd", [=](const at::Tensor& s, const at::Tensor& t, double tau, bool gs, bool gt) {
-    return mf::logit_kernels::kl_div_fwd_gpu(s, t, tau, gs, gt, launch);
+  m.def("kl_div_fwd", [=](const at::Tensor& s, const at::Tensor& t, double tau, std::string reduction, double sign,
+                          std::optional<double> bound) {
+    return mf::logit_kernels::kl_div_fwd_gpu(s, t, tau, reduction, sign, bound, launch);
   });
-  m.def("l1_fwd", [=](const at::Tensor& s, const at::Tensor& t, bool gs) {
-    return mf::logit_kernels::l1_fwd_gpu(s, t, gs, launch);
+  m.def("kl_div_bwd", [=](const at::Tensor& g, const at::Tensor& s, const at::Tensor& t, const at::Tensor& stats,
+                          const at::Tensor& total, double tau, std::string reduction, double sign,
+                          std::optional<double> bound, bool gs, bool gt) {
+    return mf::logit_kernels::kl_div_bwd_gpu(g, s, t, stats, total, tau, reduction, sign, bound, gs, gt, launch);
+  });
+  m.def("l1_fwd", [=](const at::Tensor& s, const at::Tensor& t, std::string reduction, double sign,
+                      std::optional<double> bound) {
+    return mf::logit_kernels::l1_fwd_gpu(s, t, reduction, sign, bound, launch);
+  });
+  m.def("l1_bwd", [=](const at::Tensor& g, const at::Tensor& s, const at::Tensor& t, const at::Tensor& total,
+                      std::string reduction, double sign, std::optional<double> bound, bool gs, bool gt) {
+    return mf::logit_kernels::l1_bwd_gpu(g, s, t, total, reduction, sign, bound, gs, gt, launch);
   });
 }

@@ -1,4 +1,5 @@
-"""madfast.ops.adversarial_loss: the bounded discrepancy over the fused per-row loss ops."""
+"""madfast.ops.adversarial_loss: the bounded discrepancy, reduced, bounded and negated inside the
+fused logit-loss ops (madfast.ops.kl.op): no host sync, two dispatched ops per forward+backward."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from madfast import _backend
 from madfast.ops._checks import check_choice
 from madfast.ops.adversarial.reference import KINDS, torch_adversarial_loss
-from madfast.ops.kl.op import check_kl_args, kl_rows, l1_rows, reduce_rows
+from madfast.ops.kl.op import check_kl_args, kl_loss, l1_loss
 
 __all__ = ["adversarial_loss"]
 
@@ -30,16 +31,9 @@ def adversarial_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     check_choice("adversarial_loss", "kind", kind, KINDS)
     if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))):
         raise TypeError(f"adversarial_loss: bound must be a number or None, got {type(bound).__name__}")
-    op = "kl_div_fwd" if kind == "kl" else "l1_fwd"
-    chosen = _backend.choose(op, backend, student_logits.device)
+    chosen = _backend.choose("kl_div_fwd" if kind == "kl" else "l1_fwd", backend, student_logits.device)
     if chosen == "torch":
         return torch_adversarial_loss(student_logits, teacher_logits, bound, kind, temperature)
     if kind == "kl":
-        rows = kl_rows(student_logits, teacher_logits, temperature, chosen)
-        d = reduce_rows(rows, "batchmean", student_logits.numel())
-    else:
-        d = reduce_rows(l1_rows(student_logits, teacher_logits, chosen), "mean", student_logits.numel())
-    d = d.to(student_logits.dtype)
-    if bound is not None:
-        d = torch.clamp(d, max=bound)
-    return -d
+        return kl_loss(student_logits, teacher_logits, temperature, "batchmean", -1.0, bound, chosen)
+    return l1_loss(student_logits, teacher_logits, "mean", -1.0, bound, chosen)

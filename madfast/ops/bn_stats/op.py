@@ -1,8 +1,9 @@
-"""madfast.ops.bn_stat_loss over the fused per-channel moments op.
+"""madfast.ops.bn_stat_loss / bn_stat_losses over fused per-channel moments.
 
-``madfast::channel_moments`` (csrc/) / ``madfast::channel_moments_triton`` read x once for the
-(C,) mean and biased variance; their backward reads x once more and writes grad_x. The two
-norms on (C,) vectors are plain torch ops.
+C++ (CPU): ``madfast::bn_stat_losses`` takes every layer at once, moments and both penalties in one
+op (its backward writes every grad_x), so a teacher's BN loss costs one dispatch, not one per layer.
+CUDA and Triton: ``madfast::channel_moments`` / ``channel_moments_triton`` per layer (one read of x
+for the (C,) mean and biased variance, one more in the backward), the norms as torch ops.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import torch
 from madfast import _backend
 from madfast.ops._checks import check_floating
 from madfast.ops._dtypes import acc_dtype
+from madfast.ops._layout import kernel_memory_format
 from madfast.ops.bn_stats.reference import torch_bn_stat_loss
 
-__all__ = ["bn_stat_loss", "channel_moments", "check_bn_args"]
+__all__ = ["bn_stat_loss", "bn_stat_losses", "channel_moments", "check_bn_args"]
 
 
 def check_bn_args(x, running_mean, running_var) -> None:
@@ -58,6 +60,23 @@ if _backend.has_kernel("channel_moments", "CPU") or _backend.has_kernel("channel
     torch.library.register_fake("madfast::channel_moments_backward")(_fake_moments_backward)
     torch.library.register_autograd("madfast::channel_moments", _moments_backward,
                                     setup_context=_moments_setup("channel_moments_backward"))
+
+def _fake_bn_losses(xs, running_means, running_vars):
+    acc = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+    x0 = xs[0]
+    return (x0.new_empty((), dtype=acc), x0.new_empty((2, sum(x.shape[1] for x in xs)), dtype=acc),
+            x0.new_empty((2, len(xs)), dtype=acc))
+
+
+def _fake_bn_losses_backward(grad, xs, running_means, running_vars, moments, norms):
+    return [torch.empty_like(x, memory_format=kernel_memory_format(x)) for x in xs]
+
+
+if _backend.has_kernel("bn_stat_losses", "CPU") or _backend.has_kernel("bn_stat_losses", "CUDA"):
+    torch.library.register_fake("madfast::bn_stat_losses")(_fake_bn_losses)
+    torch.library.register_fake("madfast::bn_stat_losses_backward")(_fake_bn_losses_backward)
+    # autograd: _BnStatLosses below, not register_autograd (whose wrapper costs µs per list element
+    # even under no_grad)
 
 if importlib.util.find_spec("triton") is not None:
     # Opaque custom ops, as in madfast.ops.kl.op.
@@ -102,10 +121,62 @@ def bn_stat_loss(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch
         a 0-d tensor in x's dtype.
     """
     check_bn_args(x, running_mean, running_var)
-    chosen = _backend.choose("channel_moments", backend, x.device)
-    if chosen == "torch":
-        return torch_bn_stat_loss(x, running_mean, running_var)
-    mean, var = _backend.compiled_op("channel_moments", chosen)(x)
-    loss = (torch.linalg.vector_norm(mean - running_mean.to(mean.dtype))
-            + torch.linalg.vector_norm(var - running_var.to(var.dtype)))
-    return loss.to(x.dtype)
+    return bn_stat_losses([x], [running_mean], [running_var], backend=backend).to(x.dtype)
+
+
+_MULTI_LAYER_CPU = _backend.has_kernel("bn_stat_losses", "CPU")  # asked once: no dispatcher query under compile
+
+
+class _BnStatLosses(torch.autograd.Function):
+    """madfast::bn_stat_losses with its backward. A plain Function: torch.library's autograd wrapper
+    walks list arguments with pytree, ~2 µs per tensor on a CPU core, three tensors per layer."""
+
+    @staticmethod
+    def forward(ctx, n: int, *tensors: torch.Tensor) -> torch.Tensor:
+        loss, moments, norms = torch.ops.madfast.bn_stat_losses(tensors[:n], tensors[n:2 * n], tensors[2 * n:])
+        ctx.n = n
+        ctx.mark_non_differentiable(moments, norms)
+        ctx.save_for_backward(*tensors, moments, norms)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        saved, n = ctx.saved_tensors, ctx.n
+        grads = torch.ops.madfast.bn_stat_losses_backward(grad, saved[:n], saved[n:2 * n], saved[2 * n:3 * n],
+                                                          saved[-2], saved[-1])
+        return (None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:n + 1]))) + \
+            (None,) * (2 * n)
+
+
+def bn_stat_losses(xs: list[torch.Tensor], running_means: list[torch.Tensor], running_vars: list[torch.Tensor], *,
+                   backend: str = "auto") -> torch.Tensor:
+    """Σ over layers of ``bn_stat_loss(x, running_mean, running_var)``, many layers in one call.
+
+    Args:
+        xs: BN inputs (N, C_l, H, W), on one device (validated by the kernel, which names the
+            offending ``x[l]``: the per-layer Python checks are what this call saves).
+        running_means, running_vars: (C_l,) each, as many as xs.
+        backend: "auto", "torch", "triton", "cuda" or "cpp"; on "cpp" one op for every layer.
+    Returns:
+        A 0-d tensor, fp32 (fp64 when an x is fp64), differentiable w.r.t. every x.
+    """
+    if not xs:
+        raise ValueError("bn_stat_losses: xs must hold at least one tensor")
+    if not len(running_means) == len(running_vars) == len(xs):
+        raise ValueError(f"bn_stat_losses: x has {len(xs)} tensors but running_mean has {len(running_means)} "
+                         f"and running_var {len(running_vars)}")
+    chosen = _backend.choose("channel_moments", backend, xs[0].device)
+    if chosen == "cpp" and _MULTI_LAYER_CPU:
+        return _BnStatLosses.apply(len(xs), *xs, *running_means, *running_vars)
+    acc = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+    total = None
+    for x, rm, rv in zip(xs, running_means, running_vars, strict=True):
+        if chosen == "torch":
+            loss = torch_bn_stat_loss(x.to(acc), rm, rv)
+        else:
+            mean, var = _backend.compiled_op("channel_moments", chosen)(x)
+            loss = (torch.linalg.vector_norm(mean - rm.to(mean.dtype))
+                    + torch.linalg.vector_norm(var - rv.to(var.dtype))).to(acc)
+        total = loss if total is None else total + loss
+    return total
+

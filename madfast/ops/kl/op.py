@@ -1,8 +1,10 @@
-"""madfast.ops.kl_div: validation, backend choice, torch.library registration and autograd.
+"""madfast.ops.kl_div: validation, backend choice, torch.library registration and autograd of the
+logit losses (KL and L1; madfast.ops.adversarial_loss uses the same ops with sign −1 and a bound).
 
-The compiled ops compute per-row losses and, in the same pass, the gradient of each row's loss
-(``madfast::kl_div_fwd`` in csrc/, ``madfast::kl_div_fwd_triton`` here); autograd's backward
-only scales those gradients by grad_output. The reduction is a torch op on the (B,) rows.
+Forward ``madfast::kl_div_fwd`` / ``l1_fwd`` (csrc/, or ``*_triton`` here): one read of the logits,
+per-row statistics and the reduced, bounded loss written on the device. Backward ``kl_div_bwd`` /
+``l1_bwd``: both gradients recomputed from those statistics and the device-side grad_output. So a
+forward+backward is two dispatched ops and no (B, C) tensor besides the returned gradients.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import importlib.util
 import torch
 
 from madfast import _backend
-from madfast.ops._dtypes import acc_dtype
 from madfast.ops._checks import check_choice, check_floating, check_positive, check_same
+from madfast.ops._dtypes import acc_dtype
 from madfast.ops.kl.reference import REDUCTIONS, torch_kl_div
 
-__all__ = ["kl_div", "kl_rows", "l1_rows", "check_kl_args", "reduce_rows"]
+__all__ = ["kl_div", "kl_loss", "l1_loss", "check_kl_args"]
+
+N_STATS = 5  # csrc/logit_losses.h KlStat
 
 
 def check_kl_args(op: str, student_logits, teacher_logits, temperature) -> None:
@@ -26,94 +30,112 @@ def check_kl_args(op: str, student_logits, teacher_logits, temperature) -> None:
     check_positive(op, "temperature", temperature)
 
 
-def _fake_kl_div_fwd(s, t, temperature, grad_student, grad_teacher):
-    return (s.new_empty(s.shape[0], dtype=acc_dtype(s.dtype)), s.new_empty(s.shape if grad_student else (0,)),
-            s.new_empty(s.shape if grad_teacher else (0,)))
+def _fake_outputs(s, reduction):
+    acc = acc_dtype(s.dtype)
+    if reduction == "none":
+        return s.new_empty(s.shape[0]), s.new_empty(0, dtype=acc)
+    return s.new_empty(()), s.new_empty((), dtype=acc)
 
 
-def _fake_l1_fwd(s, t, grad_student):
-    return s.new_empty(s.shape[0], dtype=acc_dtype(s.dtype)), s.new_empty(s.shape if grad_student else (0,))
+def _fake_kl_fwd(s, t, temperature, reduction, sign, bound):
+    loss, total = _fake_outputs(s, reduction)
+    return loss, s.new_empty((N_STATS, s.shape[0]), dtype=acc_dtype(s.dtype)), total
 
 
-def _saved_grad(grad: torch.Tensor, g_rows: torch.Tensor, name: str) -> torch.Tensor:
-    if grad.numel() == 0 and g_rows.numel() != 0:
-        raise RuntimeError(f"the forward was called with {name}=False, so it kept no gradient")
-    return (grad * g_rows.unsqueeze(1)).to(grad.dtype)
+def _fake_l1_fwd(s, t, reduction, sign, bound):
+    return _fake_outputs(s, reduction)
 
 
-def _kl_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1], output[2])
+def _fake_grads(s, grad_s, grad_t):
+    return s.new_empty(s.shape if grad_s else (0,)), s.new_empty(s.shape if grad_t else (0,))
 
 
-def _kl_backward(ctx, g_rows, _g_gs, _g_gt):
-    gs, gt = ctx.saved_tensors
-    return (_saved_grad(gs, g_rows, "grad_student") if ctx.needs_input_grad[0] else None,
-            _saved_grad(gt, g_rows, "grad_teacher") if ctx.needs_input_grad[1] else None, None, None, None)
+def _fake_kl_bwd(grad, s, t, stats, total, temperature, reduction, sign, bound, grad_s, grad_t):
+    return _fake_grads(s, grad_s, grad_t)
 
 
-def _l1_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
+def _fake_l1_bwd(grad, s, t, total, reduction, sign, bound, grad_s, grad_t):
+    return _fake_grads(s, grad_s, grad_t)
 
 
-def _l1_backward(ctx, g_rows, _g_gs):
-    (gs,) = ctx.saved_tensors
-    g = _saved_grad(gs, g_rows, "grad_student") if any(ctx.needs_input_grad[:2]) else None
-    return (g if ctx.needs_input_grad[0] else None, -g if ctx.needs_input_grad[1] else None, None)
+def _setup(backward_op: str, n_saved_outputs: int):
+    """Saves the logits, the forward's statistics/total and the scalar arguments; only the loss
+    has a gradient."""
+    def setup(ctx, inputs, output):
+        extra = output[1:1 + n_saved_outputs]
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # no zeros for the statistics' (absent) gradients
+        ctx.save_for_backward(inputs[0], inputs[1], *extra)
+        ctx.scalars = inputs[2:]
+        ctx.backward_op = backward_op
+    return setup
 
 
-def _register(name: str, fake, setup, backward) -> None:
-    if _backend.has_kernel(name, "CPU") or _backend.has_kernel(name, "CUDA"):
-        torch.library.register_fake(f"madfast::{name}")(fake)
-        torch.library.register_autograd(f"madfast::{name}", backward, setup_context=setup)
+def _backward(ctx, grad_loss, *_):
+    want_s, want_t = ctx.needs_input_grad[:2]
+    if grad_loss is None:  # the loss took no part in what was differentiated
+        return (None,) * (2 + len(ctx.scalars))
+    gs, gt = getattr(torch.ops.madfast, ctx.backward_op)(grad_loss, *ctx.saved_tensors, *ctx.scalars, want_s, want_t)
+    return (gs if want_s else None, gt if want_t else None) + (None,) * len(ctx.scalars)
 
 
-_register("kl_div_fwd", _fake_kl_div_fwd, _kl_setup, _kl_backward)
-_register("l1_fwd", _fake_l1_fwd, _l1_setup, _l1_backward)
+for _name, _fake_fwd, _fake_bwd, _n in (("kl_div", _fake_kl_fwd, _fake_kl_bwd, 2), ("l1", _fake_l1_fwd, _fake_l1_bwd, 1)):
+    if _backend.has_kernel(f"{_name}_fwd", "CPU") or _backend.has_kernel(f"{_name}_fwd", "CUDA"):
+        torch.library.register_fake(f"madfast::{_name}_fwd")(_fake_fwd)
+        torch.library.register_fake(f"madfast::{_name}_bwd")(_fake_bwd)
+        torch.library.register_autograd(f"madfast::{_name}_fwd", _backward, setup_context=_setup(f"{_name}_bwd", _n))
 
 if importlib.util.find_spec("triton") is not None:
     # Opaque custom ops rather than triton_op: the same registration then runs (and is tested)
-    # under the CPU interpreter, and each is a single kernel that inductor has nothing to fuse into.
-    from madfast.ops.kl.triton_kernel import triton_kl_div_fwd, triton_l1_fwd
+    # under the CPU interpreter; inductor has nothing to fuse into a row reduction's two stages.
+    from madfast.ops.kl import triton_kernel as _tk
 
     @torch.library.custom_op("madfast::kl_div_fwd_triton", mutates_args=())
     def _kl_div_fwd_triton(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-                           grad_student: bool, grad_teacher: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return triton_kl_div_fwd(student_logits, teacher_logits, temperature, grad_student, grad_teacher)
+                           reduction: str, sign: float, bound: float | None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _tk.triton_kl_div_fwd(student_logits, teacher_logits, temperature, reduction, sign, bound)
+
+    @torch.library.custom_op("madfast::kl_div_bwd_triton", mutates_args=())
+    def _kl_div_bwd_triton(grad_loss: torch.Tensor, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                           row_stats: torch.Tensor, total: torch.Tensor, temperature: float, reduction: str,
+                           sign: float, bound: float | None, grad_student: bool, grad_teacher: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _tk.triton_kl_div_bwd(grad_loss, student_logits, teacher_logits, row_stats, total, temperature,
+                                     reduction, sign, bound, grad_student, grad_teacher)
 
     @torch.library.custom_op("madfast::l1_fwd_triton", mutates_args=())
-    def _l1_fwd_triton(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                       grad_student: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return triton_l1_fwd(student_logits, teacher_logits, grad_student)
+    def _l1_fwd_triton(student_logits: torch.Tensor, teacher_logits: torch.Tensor, reduction: str, sign: float,
+                       bound: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return _tk.triton_l1_fwd(student_logits, teacher_logits, reduction, sign, bound)
 
-    _kl_div_fwd_triton.register_fake(_fake_kl_div_fwd)
-    _kl_div_fwd_triton.register_autograd(_kl_backward, setup_context=_kl_setup)
-    _l1_fwd_triton.register_fake(_fake_l1_fwd)
-    _l1_fwd_triton.register_autograd(_l1_backward, setup_context=_l1_setup)
+    @torch.library.custom_op("madfast::l1_bwd_triton", mutates_args=())
+    def _l1_bwd_triton(grad_loss: torch.Tensor, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                       total: torch.Tensor, reduction: str, sign: float, bound: float | None, grad_student: bool,
+                       grad_teacher: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return _tk.triton_l1_bwd(grad_loss, student_logits, teacher_logits, total, reduction, sign, bound,
+                                 grad_student, grad_teacher)
+
+    for _fwd, _bwd, _fake_fwd, _fake_bwd, _n in (
+            (_kl_div_fwd_triton, _kl_div_bwd_triton, _fake_kl_fwd, _fake_kl_bwd, 2),
+            (_l1_fwd_triton, _l1_bwd_triton, _fake_l1_fwd, _fake_l1_bwd, 1)):
+        _fwd.register_fake(_fake_fwd)
+        _bwd.register_fake(_fake_bwd)
+        _fwd.register_autograd(_backward, setup_context=_setup(_bwd._name.split("::")[-1], _n))
 
 
-def _wants_grad(t: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and t.requires_grad
-
-
-def kl_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, backend: str) -> torch.Tensor:
-    """(B,) per-row τ²·KL on a compiled backend, in fp32 (fp64 for fp64), differentiable."""
+def kl_loss(s: torch.Tensor, t: torch.Tensor, temperature: float, reduction: str, sign: float, bound: float | None,
+            backend: str) -> torch.Tensor:
+    """sign·min(reduced τ²·KL, bound) (the rows for "none") on a compiled backend, differentiable."""
     op = _backend.compiled_op("kl_div_fwd", backend)
-    return op(s, t, float(temperature), _wants_grad(s), _wants_grad(t))[0]
+    return op(s, t, float(temperature), reduction, float(sign), None if bound is None else float(bound))[0]
 
 
-def l1_rows(s: torch.Tensor, t: torch.Tensor, backend: str) -> torch.Tensor:
-    """(B,) per-row Σ|s − t| on a compiled backend, differentiable."""
+def l1_loss(s: torch.Tensor, t: torch.Tensor, reduction: str, sign: float, bound: float | None,
+            backend: str) -> torch.Tensor:
+    """sign·min(reduced Σ|s − t|, bound) (the rows for "none") on a compiled backend, differentiable."""
     op = _backend.compiled_op("l1_fwd", backend)
-    return op(s, t, _wants_grad(s) or _wants_grad(t))[0]
-
-
-def reduce_rows(rows: torch.Tensor, reduction: str, numel: int) -> torch.Tensor:
-    if reduction == "none":
-        return rows
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    return total / (rows.numel() if reduction == "batchmean" else numel)
+    return op(s, t, reduction, float(sign), None if bound is None else float(bound))[0]
 
 
 def kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
@@ -130,12 +152,11 @@ def kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatu
         reduction: "batchmean" (sum / B), "sum", "mean" (sum / (B·C)) or "none" ((B,) per row).
         backend: "auto", "torch", "triton", "cuda" or "cpp" (see madfast._backend).
     Returns:
-        A 0-d tensor, or (B,) for "none", in the logits' dtype (accumulated in fp32).
+        A 0-d tensor, or (B,) for "none", in the logits' dtype (accumulated in fp32, fp64 for fp64).
     """
     check_kl_args("kl_div", student_logits, teacher_logits, temperature)
     check_choice("kl_div", "reduction", reduction, REDUCTIONS)
     chosen = _backend.choose("kl_div_fwd", backend, student_logits.device)
     if chosen == "torch":
         return torch_kl_div(student_logits, teacher_logits, temperature, reduction)
-    rows = kl_rows(student_logits, teacher_logits, temperature, chosen)
-    return reduce_rows(rows, reduction, student_logits.numel()).to(student_logits.dtype)
+    return kl_loss(student_logits, teacher_logits, temperature, reduction, 1.0, None, chosen)
