@@ -121,3 +121,16 @@ def hook_reference(teacher, x):
     act2 = teacher.features[3](teacher.features[2](bn1(act1)))
     return bn_stat_loss(act1, bn1.running_mean, bn1.running_var, backend="torch") + \
         bn_stat_loss(act2, bn2.running_mean, bn2.running_var, backend="torch")
+
+
+def test_bn_stat_hook_loss_follows_each_forward():
+    """hook.loss read after one forward, then another forward: the second read is the second
+    forward's loss (the deferred value is not kept across forwards)."""
+    teacher = trained_teacher()
+    hook = BNStatHook(teacher)
+    x1, x2 = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8) * 3
+    teacher(x1)
+    first = hook.loss
+    teacher(x2)
+    torch.testing.assert_close(hook.loss, hook_reference(teacher, x2))
+    assert not torch.equal(hook.loss, first)
