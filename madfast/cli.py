@@ -1,4 +1,4 @@
-"""The `madfast` command line (also `python -m madfast`): demo, train-teacher, distill, eval, bench."""
+"""The `madfast` command line (also `python -m madfast`): demo, train-teacher, distill, eval, check, bench."""
 
 from __future__ import annotations
 
@@ -73,12 +73,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--num-workers", type=int, default=2)
 
+    p = sub.add_parser("check", help="verify every kernel against fp64 PyTorch and time it against eager and "
+                       "torch.compile on this machine", description="Checks every op on every backend that runs on "
+                       "the device (values and gradients, fp32/bf16/fp16/fp64, benchmark and odd shapes), times it, "
+                       "and writes OUT/check.json, check.md and verified-entries.json as it goes. Exits 1 if any "
+                       "correctness check fails.", epilog=_EPILOG_CHECK,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    p.add_argument("--ops", help="comma-separated subset of: " + ", ".join(_check_ops()))
+    p.add_argument("--dtypes", help="comma-separated subset of float32,bfloat16,float16,float64 (default: all)")
+    p.add_argument("--quick", action="store_true", help="one small benchmark shape per op, short timings, "
+                   "no torch.compile unless --compile")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="time torch.compile too (default: on unless --quick)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="do not time torch.compile")
+    p.add_argument("--out", metavar="DIR", default="check-results", help="output folder (default: check-results)")
+    p.add_argument("--save", action="store_true", help="add the verified entries to the cache that 'auto' reads "
+                   "($MADFAST_CACHE_DIR/verified.json, default ~/.cache/madfast)")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="stop timing (not checking) once the run has taken this long")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
     p = sub.add_parser("bench", help="run the pytest-benchmark suites; write a markdown table and a PNG chart "
                        "of speed-ups vs eager", description="Runs benchmarks/bench_*.py with pytest-benchmark.")
     p.add_argument("--out", metavar="DIR", default="benchmarks/results", help="where bench-<time>.{json,md,png} go")
     p.add_argument("--bench-dir", metavar="DIR", help="the benchmarks folder (default: the repository's)")
     p.add_argument("-k", dest="select", help="pytest -k expression selecting benchmarks")
     return parser
+
+
+def _check_ops() -> tuple[str, ...]:
+    from madfast.check import OP_NAMES
+
+    return OP_NAMES
+
+
+_EPILOG_CHECK = """examples:
+  madfast check                                   # every op on this GPU; then `madfast check --save`
+  madfast check --device cpu --quick --out /tmp/c # the CPU rehearsal CI runs
+  madfast check --ops kl,adversarial --dtypes bfloat16"""
 
 
 def _with_file(args) -> dict:
@@ -201,6 +234,17 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_check(args) -> int:
+    from madfast.check import options, run_check
+
+    try:
+        opts = options(args.device, args.ops, args.dtypes, args.out, args.quick, args.compile, args.save,
+                       args.time_budget, args.progress, args.argv)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return run_check(opts)
+
+
 def _cmd_bench(args) -> int:
     from madfast.bench_report import write_report
 
@@ -223,11 +267,12 @@ def _cmd_bench(args) -> int:
 
 
 _COMMANDS = {"demo": _cmd_demo, "train-teacher": _cmd_train_teacher, "distill": _cmd_distill, "eval": _cmd_eval,
-             "bench": _cmd_bench}
+             "bench": _cmd_bench, "check": _cmd_check}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = ["madfast", *(sys.argv[1:] if argv is None else argv)]
     from madfast.train import NonFiniteLossError
 
     try:
