@@ -65,9 +65,9 @@ if importlib.util.find_spec("triton") is not None:
     @triton.jit
     def _bn_lrelu_kernel(
         y_ptr, out_ptr, g_ptr, gy_ptr,  # (N, C, H, W) with strides s_n, s_c, s_hw (out, g, gy: y's layout)
-        scale_ptr, shift_ptr, gscale_ptr, gshift_ptr,  # (C,) fp32; the gradients (fp64 for fp64 y) zeroed
+        scale_ptr, shift_ptr, gscale_ptr, gshift_ptr,  # (C,) in ACC; the gradients zeroed
         N, HW, s_n, s_c, s_hw, slope, splits,
-        BACKWARD: tl.constexpr, BLOCK: tl.constexpr,
+        BACKWARD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
     ):
         c = tl.program_id(0).to(tl.int64)
         part = tl.program_id(1)
@@ -75,17 +75,17 @@ if importlib.util.find_spec("triton") is not None:
         chunk = tl.cdiv(M, splits)
         scale = tl.load(scale_ptr + c)
         shift = tl.load(shift_ptr + c)
-        acc_scale = tl.zeros((BLOCK,), tl.float32)
-        acc_shift = tl.zeros((BLOCK,), tl.float32)
+        acc_scale = tl.zeros((BLOCK,), ACC)  # fp32; fp64 for fp64 y
+        acc_shift = tl.zeros((BLOCK,), ACC)
         for start in range(part * chunk, tl.minimum(part * chunk + chunk, M), BLOCK):
             i = start + tl.arange(0, BLOCK).to(tl.int64)
             mask = (i < M) & (i < part * chunk + chunk)
             n = i // HW
             off = n * s_n + c * s_c + (i - n * HW) * s_hw
-            y = tl.load(y_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + off, mask=mask, other=0.0).to(ACC)
             z = y * scale + shift
             if BACKWARD:
-                g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
+                g = tl.load(g_ptr + off, mask=mask, other=0.0).to(ACC)
                 gz = tl.where(z > 0, g, g * slope)
                 tl.store(gy_ptr + off, (gz * scale).to(gy_ptr.dtype.element_ty), mask=mask)
                 acc_scale += tl.where(mask, gz * y, 0.0)
@@ -100,15 +100,17 @@ if importlib.util.find_spec("triton") is not None:
         y, s_n, s_c, s_hw, _ = moments_view(y)
         N, C, H, W = y.shape
         out = torch.empty_like(y)
-        g_scale = torch.zeros(C, dtype=acc_dtype(y.dtype), device=y.device)
+        acc = acc_dtype(y.dtype)
+        g_scale = torch.zeros(C, dtype=acc, device=y.device)
         g_shift = torch.zeros_like(g_scale)
         if y.numel():
             g = grad.contiguous(memory_format=torch.channels_last if s_c == 1 and C > 1 else
                                 torch.contiguous_format) if grad is not None else y
             splits = min(MAX_SPLIT, triton.cdiv(N * H * W, BLOCK))
             _bn_lrelu_kernel[(C, splits)](
-                y, out, g, out, scale.float().contiguous(), shift.float().contiguous(), g_scale, g_shift,
-                N, H * W, s_n, s_c, s_hw, float(slope), splits, BACKWARD=grad is not None, BLOCK=BLOCK)
+                y, out, g, out, scale.to(acc).contiguous(), shift.to(acc).contiguous(), g_scale, g_shift,
+                N, H * W, s_n, s_c, s_hw, float(slope), splits, BACKWARD=grad is not None,
+                ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=BLOCK)
         return out, g_scale, g_shift
 
     @torch.library.custom_op("madfast::bn_lrelu_triton", mutates_args=())

@@ -28,28 +28,40 @@ __all__ = ["GradFold", "triton_upsample_conv_fwd", "triton_upsample_conv_grad_we
 
 
 @triton.jit
-def _gather_upsampled(x_ptr, n, oh, ow, m_ok, k, K, H, W, OH, OW, scale_h, scale_w, sx_n, sx_c, sx_h, sx_w):
+def _source_coord(u, H, OH, scale, ACC: tl.constexpr):
+    """The low-resolution coordinate u·(H−1)/(OH−1) of up-sampled row u: in fp64 from the integers
+    (a host-side scale reaches the kernel as fp32, 1e-8 off), else with the fp32 scale."""
+    if ACC == tl.float64:
+        return (u * (H - 1)).to(tl.float64) / (OH - 1)
+    else:
+        return u.to(tl.float32) * scale
+
+
+@triton.jit
+def _gather_upsampled(x_ptr, n, oh, ow, m_ok, k, K, H, W, OH, OW, scale_h, scale_w, sx_n, sx_c, sx_h, sx_w,
+                      ACC: tl.constexpr):
     """[len(m), len(k)] tile of the implicit-GEMM operand: upsample×2(x) at the 3×3 taps k of
-    output pixels (n, oh, ow), interpolated from four reads of the low-resolution x (0 in padding)."""
+    output pixels (n, oh, ow), interpolated from four reads of the low-resolution x (0 in padding),
+    in ACC (fp32; fp64 for fp64 inputs)."""
     ci = k // 9
     kh = (k % 9) // 3
     kw = k % 3
     u = oh[:, None] + kh[None, :] - 1  # row in the upsampled image
     v = ow[:, None] + kw[None, :] - 1
     ok = m_ok[:, None] & (k < K)[None, :] & (u >= 0) & (u < OH) & (v >= 0) & (v < OW)
-    src_h = u.to(tl.float32) * scale_h
-    src_w = v.to(tl.float32) * scale_w
+    src_h = _source_coord(u, H, OH, scale_h, ACC)
+    src_w = _source_coord(v, W, OW, scale_w, ACC)
     h0 = tl.minimum(tl.maximum(src_h.to(tl.int32), 0), H - 1)  # src ≥ 0 wherever ok
     w0 = tl.minimum(tl.maximum(src_w.to(tl.int32), 0), W - 1)
     h1 = tl.minimum(h0 + 1, H - 1)
     w1 = tl.minimum(w0 + 1, W - 1)
-    lh = src_h - h0.to(tl.float32)
-    lw = src_w - w0.to(tl.float32)
+    lh = src_h - h0.to(ACC)
+    lw = src_w - w0.to(ACC)
     base = x_ptr + n[:, None] * sx_n + ci[None, :] * sx_c
-    x00 = tl.load(base + h0 * sx_h + w0 * sx_w, mask=ok, other=0.0).to(tl.float32)
-    x01 = tl.load(base + h0 * sx_h + w1 * sx_w, mask=ok, other=0.0).to(tl.float32)
-    x10 = tl.load(base + h1 * sx_h + w0 * sx_w, mask=ok, other=0.0).to(tl.float32)
-    x11 = tl.load(base + h1 * sx_h + w1 * sx_w, mask=ok, other=0.0).to(tl.float32)
+    x00 = tl.load(base + h0 * sx_h + w0 * sx_w, mask=ok, other=0.0).to(ACC)
+    x01 = tl.load(base + h0 * sx_h + w1 * sx_w, mask=ok, other=0.0).to(ACC)
+    x10 = tl.load(base + h1 * sx_h + w0 * sx_w, mask=ok, other=0.0).to(ACC)
+    x11 = tl.load(base + h1 * sx_h + w1 * sx_w, mask=ok, other=0.0).to(ACC)
     return (1 - lh) * ((1 - lw) * x00 + lw * x01) + lh * ((1 - lw) * x10 + lw * x11)
 
 
@@ -62,7 +74,7 @@ def _upsample_conv_fwd_kernel(
                        # rounded to fp32 would cost ~2⁻²⁴·|mean|/std of the variance when |mean| ≫ std)
     NB, Cin, H, W, Cout, OH, OW, scale_h, scale_w,
     sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w,
-    STATS: tl.constexpr, LOWP: tl.constexpr, FP32_DOT: tl.constexpr,
+    STATS: tl.constexpr, LOWP: tl.constexpr, FP32_DOT: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
@@ -75,15 +87,15 @@ def _upsample_conv_fwd_kernel(
     oh = (m // OW) % OH
     ow = m % OW
     K = Cin * 9
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), ACC)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        a = _gather_upsampled(x_ptr, n, oh, ow, m_ok, k, K, H, W, OH, OW, scale_h, scale_w, sx_n, sx_c, sx_h, sx_w)
+        a = _gather_upsampled(x_ptr, n, oh, ow, m_ok, k, K, H, W, OH, OW, scale_h, scale_w, sx_n, sx_c, sx_h, sx_w, ACC)
         b = tl.load(w_ptr + co[None, :] * K + k[:, None], mask=co_ok[None, :] & (k < K)[:, None], other=0.0)
         if LOWP:  # tensor cores in the input precision, fp32 accumulation
             acc += tl.dot(a.to(b.dtype), b)
         else:
-            acc += tl.dot(a, b.to(tl.float32), input_precision=FP32_DOT)
+            acc += tl.dot(a, b.to(ACC), input_precision=FP32_DOT)
     out = acc.to(y_ptr.dtype.element_ty)
     y_off = n[:, None] * sy_n + co[None, :] * sy_c + oh[:, None] * sy_h + ow[:, None] * sy_w
     keep = m_ok[:, None] & co_ok[None, :]
@@ -123,18 +135,18 @@ class GradFold(NamedTuple):
 
 @triton.jit
 def _load_grad(gy_ptr, y_ptr, gsum_ptr, gsumsq_ptr, mean_ptr, g_off, y_off, co, mask,
-               FOLD_SUM: tl.constexpr, FOLD_SUMSQ: tl.constexpr, CENTRED: tl.constexpr):
-    """A tile of grad_y as the backward reads it, fp32, 0 where not mask. With train-mode BatchNorm
+               FOLD_SUM: tl.constexpr, FOLD_SUMSQ: tl.constexpr, CENTRED: tl.constexpr, ACC: tl.constexpr):
+    """A tile of grad_y as the backward reads it, in ACC, 0 where not mask. With train-mode BatchNorm
     the gradients of its statistics are folded in here: grad_y + g_Σ[co] + 2·(y − mean[co])·g_Σ²[co]
     (see GradFold), so no temporary of y's size is written for them."""
-    g = tl.load(gy_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gy_ptr + g_off, mask=mask, other=0.0).to(ACC)
     if FOLD_SUM:
-        g += tl.load(gsum_ptr + co, mask=mask, other=0.0).to(tl.float32)
+        g += tl.load(gsum_ptr + co, mask=mask, other=0.0).to(ACC)
     if FOLD_SUMSQ:
-        y = tl.load(y_ptr + y_off, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + y_off, mask=mask, other=0.0).to(ACC)
         if CENTRED:  # y − mean taken first: no cancellation when |mean| ≫ std
-            y -= tl.load(mean_ptr + co, mask=mask, other=0.0).to(tl.float32)
-        g += 2 * y * tl.load(gsumsq_ptr + co, mask=mask, other=0.0).to(tl.float32)
+            y -= tl.load(mean_ptr + co, mask=mask, other=0.0).to(ACC)
+        g += 2 * y * tl.load(gsumsq_ptr + co, mask=mask, other=0.0).to(ACC)
     return g
 
 
@@ -147,7 +159,8 @@ def _upsample_conv_grad_weight_kernel(
     NB, Cin, H, W, Cout, OH, OW, scale_h, scale_w,
     sx_n, sx_c, sx_h, sx_w, sg_n, sg_c, sg_h, sg_w, sy_n, sy_c, sy_h, sy_w,
     FOLD_SUM: tl.constexpr, FOLD_SUMSQ: tl.constexpr, CENTRED: tl.constexpr,
-    LOWP: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    LOWP: tl.constexpr, FP32_DOT: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grad_w[co, k] = Σ_m grad_y[m, co]·A[m, k], A gathered as in the forward: no upsampled tensor."""
     pid_n = tl.program_id(0).to(tl.int64)  # output channels
@@ -157,23 +170,23 @@ def _upsample_conv_grad_weight_kernel(
     co_ok = co < Cout
     K = Cin * 9
     M = NB * OH * OW
-    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), ACC)
     for m0 in range(0, M, BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M)
         m_ok = m < M
         n = m // (OH * OW)
         oh = (m // OW) % OH
         ow = m % OW
-        a = _gather_upsampled(x_ptr, n, oh, ow, m_ok, k, K, H, W, OH, OW, scale_h, scale_w, sx_n, sx_c, sx_h, sx_w)
+        a = _gather_upsampled(x_ptr, n, oh, ow, m_ok, k, K, H, W, OH, OW, scale_h, scale_w, sx_n, sx_c, sx_h, sx_w, ACC)
         g = _load_grad(gy_ptr, y_ptr, gsum_ptr, gsumsq_ptr, mean_ptr,
                        co[:, None] * sg_c + n[None, :] * sg_n + oh[None, :] * sg_h + ow[None, :] * sg_w,
                        co[:, None] * sy_c + n[None, :] * sy_n + oh[None, :] * sy_h + ow[None, :] * sy_w,
-                       co[:, None], co_ok[:, None] & m_ok[None, :], FOLD_SUM, FOLD_SUMSQ, CENTRED)
+                       co[:, None], co_ok[:, None] & m_ok[None, :], FOLD_SUM, FOLD_SUMSQ, CENTRED, ACC)
         if LOWP:
             lowp = x_ptr.dtype.element_ty
             acc += tl.dot(g.to(lowp), a.to(lowp))
         else:
-            acc += tl.dot(g.to(tl.float32), a, input_precision=FP32_DOT)
+            acc += tl.dot(g, a, input_precision=FP32_DOT)
     tl.store(gw_ptr + co[:, None] * K + k[None, :], acc, mask=co_ok[:, None] & (k < K)[None, :])
 
 
@@ -181,11 +194,11 @@ def triton_upsample_conv_grad_weight(x: torch.Tensor, grad_y: torch.Tensor, weig
                                      fold: GradFold | None = None,
                                      block_m: int = 32, block_n: int = 32, block_k: int = 32) -> torch.Tensor:
     """The weight gradient of conv3×3(upsample×2(x)) given grad_y (and the BN sums' gradients in
-    ``fold``), in fp32 (Cout, Cin, 3, 3)."""
+    ``fold``), (Cout, Cin, 3, 3) in fp32 (fp64 for fp64)."""
     N, Cin, H, W = x.shape
     Cout = weight_shape[0]
     OH, OW = 2 * H, 2 * W
-    gw = torch.zeros((Cout, Cin * 9), dtype=torch.float32, device=x.device)
+    gw = torch.zeros((Cout, Cin * 9), dtype=acc_dtype(x.dtype), device=x.device)
     if x.numel() == 0 or Cout == 0:
         return gw.reshape(weight_shape)
     grid = (triton.cdiv(Cout, block_n), triton.cdiv(Cin * 9, block_k))
@@ -193,7 +206,7 @@ def triton_upsample_conv_grad_weight(x: torch.Tensor, grad_y: torch.Tensor, weig
     _upsample_conv_grad_weight_kernel[grid](
         x, grad_y, *fold.pointers(), gw, N, Cin, H, W, Cout, OH, OW, (H - 1) / (OH - 1), (W - 1) / (OW - 1),
         *x.stride(), *grad_y.stride(), *fold.y.stride(), **fold.flags(),
-        LOWP=_tensor_core_dot(x.dtype), FP32_DOT=fp32_dot_precision(x.dtype),
+        LOWP=_tensor_core_dot(x.dtype), FP32_DOT=fp32_dot_precision(x.dtype), ACC=_acc(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return gw.reshape(weight_shape)
 
@@ -203,12 +216,12 @@ REGION = 256
 
 
 @triton.jit
-def _bilinear_weight(u, h, scale, H):
-    """Weight of low-resolution row h in up-sampled row u (align_corners=True)."""
-    src = u.to(tl.float32) * scale
+def _bilinear_weight(u, h, scale, H, OH, ACC: tl.constexpr):
+    """Weight of low-resolution row h in up-sampled row u (align_corners=True), in ACC."""
+    src = _source_coord(u, H, OH, scale, ACC)
     h0 = tl.minimum(src.to(tl.int32), H - 1)
     h1 = tl.minimum(h0 + 1, H - 1)
-    frac = src - h0.to(tl.float32)
+    frac = src - h0.to(ACC)
     return tl.where(h0 == h, 1.0 - frac, 0.0) + tl.where(h1 == h, frac, 0.0)
 
 
@@ -221,7 +234,7 @@ def _upsample_conv_grad_input_kernel(
     Cin, H, W, Cout, OH, OW, scale_h, scale_w, tiles_h, tiles_w,
     sg_n, sg_c, sg_h, sg_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
     FOLD_SUM: tl.constexpr, FOLD_SUMSQ: tl.constexpr, CENTRED: tl.constexpr, FP32_DOT: tl.constexpr,
-    TILE_H: tl.constexpr, TILE_W: tl.constexpr, REGION: tl.constexpr, REGION_W: tl.constexpr,
+    ACC: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, REGION: tl.constexpr, REGION_W: tl.constexpr,
     BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grad_x = bilinear-adjoint(conv-transpose(grad_y)) one tile of input pixels at a time: the
@@ -239,7 +252,7 @@ def _upsample_conv_grad_input_kernel(
     p_ok = (u < OH) & (v < OW)
     # 1) the up-sampled gradient of the region: conv-transpose as a GEMM over (co, kh, kw)
     K = Cout * 9
-    g_up = tl.zeros((REGION, BLOCK_CI), tl.float32)
+    g_up = tl.zeros((REGION, BLOCK_CI), ACC)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         co = k // 9
@@ -251,15 +264,16 @@ def _upsample_conv_grad_input_kernel(
         g = _load_grad(gy_ptr, y_ptr, gsum_ptr, gsumsq_ptr, mean_ptr,
                        n * sg_n + co[None, :] * sg_c + y_row * sg_h + y_col * sg_w,
                        n * sy_n + co[None, :] * sy_c + y_row * sy_h + y_col * sy_w,
-                       co[None, :], ok, FOLD_SUM, FOLD_SUMSQ, CENTRED)
+                       co[None, :], ok, FOLD_SUM, FOLD_SUMSQ, CENTRED, ACC)
         wt = tl.load(w_ptr + k[:, None] * Cin + ci[None, :], mask=(k < K)[:, None] & ci_ok[None, :], other=0.0)
-        g_up += tl.dot(g, wt.to(tl.float32), input_precision=FP32_DOT)
+        g_up += tl.dot(g, wt.to(ACC), input_precision=FP32_DOT)
     # 2) the bilinear adjoint: grad_x[i] = Σ_p weight(p → i)·g_up[p] (exact weights: "ieee")
     i = tl.arange(0, TILE_H * TILE_W)
     h = h_lo + i // TILE_W
     w = w_lo + i % TILE_W
     i_ok = (h < H) & (w < W)
-    b = _bilinear_weight(u[None, :], h[:, None], scale_h, H) * _bilinear_weight(v[None, :], w[:, None], scale_w, W)
+    b = (_bilinear_weight(u[None, :], h[:, None], scale_h, H, OH, ACC)
+         * _bilinear_weight(v[None, :], w[:, None], scale_w, W, OW, ACC))
     b = tl.where(i_ok[:, None] & p_ok[None, :], b, 0.0)
     gx = tl.dot(b, g_up, input_precision="ieee")
     tl.store(gx_ptr + n * sx_n + ci[None, :] * sx_c + h[:, None] * sx_h + w[:, None] * sx_w,
@@ -285,7 +299,7 @@ def triton_upsample_conv_grad_input(grad_y: torch.Tensor, weight: torch.Tensor, 
     _upsample_conv_grad_input_kernel[grid](
         grad_y, *fold.pointers(), w, gx, Cin, H, W, Cout, 2 * H, 2 * W, (H - 1) / (2 * H - 1), (W - 1) / (2 * W - 1),
         tiles_h, tiles_w, *grad_y.stride(), *fold.y.stride(), *gx.stride(), **fold.flags(),
-        FP32_DOT=fp32_dot_precision(grad_y.dtype), TILE_H=TILE_H, TILE_W=TILE_W, REGION=REGION,
+        FP32_DOT=fp32_dot_precision(grad_y.dtype), ACC=_acc(grad_y.dtype), TILE_H=TILE_H, TILE_W=TILE_W, REGION=REGION,
         REGION_W=2 * TILE_W + 4, BLOCK_CI=block_ci, BLOCK_K=block_k)
     return gx
 
@@ -296,6 +310,11 @@ def fp32_dot_precision(dtype: torch.dtype) -> str:
     bf16 in the interpreter, see _tensor_core_dot) and in the CPU interpreter (numpy has no TF32)."""
     tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreted()
     return "tf32" if tf32 else "ieee"
+
+
+def _acc(dtype: torch.dtype):
+    """The kernels' arithmetic dtype: fp64 for fp64 inputs, fp32 otherwise (madfast.ops._dtypes)."""
+    return tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32
 
 
 def _tensor_core_dot(dtype: torch.dtype) -> bool:
@@ -326,7 +345,7 @@ def triton_upsample_conv_fwd(x: torch.Tensor, weight: torch.Tensor, stats: bool 
         x, w, y, means, m2s, N, Cin, H, W, Cout, OH, OW,
         (H - 1) / (OH - 1), (W - 1) / (OW - 1),
         *x.stride(), *y.stride(),
-        STATS=stats, LOWP=_tensor_core_dot(x.dtype), FP32_DOT=fp32_dot_precision(x.dtype),
+        STATS=stats, LOWP=_tensor_core_dot(x.dtype), FP32_DOT=fp32_dot_precision(x.dtype), ACC=_acc(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     if not stats:
         return y, y.new_empty(0, dtype=acc), y.new_empty(0, dtype=acc)
