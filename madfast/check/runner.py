@@ -166,25 +166,19 @@ def _timed_callable(case: Case, fn, inputs: list, weights: list):
     return fwd_bwd
 
 
-def time_case(case: Case, backends: list[str], shape: Shape, dtype: torch.dtype, device: torch.device,
-              compile: bool, budget_s: float) -> dict:
-    """Seconds per forward+backward for eager, torch.compile (None when off or failing) and each backend."""
+def time_case(case: Case, fns: dict, shape: Shape, dtype: torch.dtype, device: torch.device,
+              budget_s: float) -> dict[str, float]:
+    """Seconds per forward+backward of each of ``fns`` (name → the case's callable) on one problem."""
     inputs = _inputs(case, shape, dtype, device)
     _, weights = _evaluate(case, case.eager, inputs, None)
+    return {name: median_seconds(_timed_callable(case, fn, inputs, weights), device, budget_s=budget_s)
+            for name, fn in fns.items()}
 
-    def measure(fn):
-        return median_seconds(_timed_callable(case, fn, inputs, weights), device, budget_s=budget_s)
 
-    times = {"eager": measure(case.eager), "compile": None}
-    if compile:
-        try:
-            torch._dynamo.reset()  # a fresh compile per shape and dtype: no recompile limit
-            times["compile"] = measure(torch.compile(case.eager))
-        except Exception as e:  # noqa: BLE001 - a compiler failure is a note, not a kernel failure
-            times["compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-    for b in backends:
-        times[b] = measure(case.fused(b))
-    return times
+def time_compiled(case: Case, shape: Shape, dtype: torch.dtype, device: torch.device, budget_s: float) -> float:
+    """Seconds per forward+backward of torch.compile(eager), compiled afresh (no recompile limit)."""
+    torch._dynamo.reset()
+    return time_case(case, {"compile": torch.compile(case.eager)}, shape, dtype, device, budget_s)["compile"]
 
 
 # ---- environment --------------------------------------------------------------------------------
@@ -403,36 +397,60 @@ def run_check(opts: CheckOptions) -> int:
             row["seconds"] = round(time.perf_counter() - t0, 3)  # on a GPU: mostly JIT compilation
             emit(row)
             bar.update()
+    # Then speed, first without torch.compile (what verified dispatch needs), then compile's times added
+    # to those rows (each compile takes seconds to minutes) while the time budget lasts.
+    def over_budget(what: str) -> bool:
+        if opts.time_budget_s is not None and time.perf_counter() - started > opts.time_budget_s:
+            report["skipped"].append(f"{what}: skipped (--time-budget {opts.time_budget_s:g} s spent)")
+            return True
+        return False
+
+    budget_s = 0.05 if opts.quick else 0.3
+    timed_units = []  # (case, shape, dtype, its speed rows)
     for case, backends, dtype, shape in plan:
         if shape.odd:
             continue
         bar.update()
-        if opts.time_budget_s is not None and time.perf_counter() - started > opts.time_budget_s:
-            report["skipped"].append(f"{case.name} / {str(dtype)[6:]} / {shape.label}: timing skipped "
-                                     f"(--time-budget {opts.time_budget_s:g} s spent)")
+        what = f"{case.name} / {str(dtype)[6:]} / {shape.label}"
+        if over_budget(f"timing {what}"):
             continue
         # the Triton interpreter's speed means nothing
         timed = [b for b in backends if not (b == "triton" and opts.device.type == "cpu")]
         try:
-            times = time_case(case, timed, shape, dtype, opts.device, opts.compile,
-                              budget_s=0.05 if opts.quick else 0.3)
+            times = time_case(case, {"eager": case.eager, **{b: case.fused(b) for b in timed}}, shape, dtype,
+                              opts.device, budget_s)
         except Exception as e:  # noqa: BLE001
-            report["skipped"].append(f"{case.name} / {str(dtype)[6:]} / {shape.label}: timing failed: "
-                                     f"{type(e).__name__}: {e}"[:500])
+            report["skipped"].append(f"timing {what} failed: {type(e).__name__}: {e}"[:500])
             continue
         unit, work = case.work(shape, dtype)
+        rows = []
         for b in timed:
             t = times[b]
-            emit({"kind": "speed", "op": case.name, "backend": b, "dtype": str(dtype)[6:], "shape": shape.label,
-                  "us": t * 1e6, "unit": unit, "throughput": work / t / (1e12 if unit == "TFLOP" else 1e9),
-                  "eager_us": times["eager"] * 1e6,
-                  "compile_us": None if times["compile"] is None else times["compile"] * 1e6,
-                  "compile_error": times.get("compile_error"), "x_torch": times["torch"] / t,
-                  "x_eager": times["eager"] / t,
-                  "x_compile": None if times["compile"] is None else times["compile"] / t,
-                  "dispatch_ops": next((r["dispatch_ops"] for r in reversed(report["results"])
-                                        if r["kind"] == "correctness" and r["op"] == case.name and r["backend"] == b),
-                                       [case.dispatch_op])})
+            rows.append({"kind": "speed", "op": case.name, "backend": b, "dtype": str(dtype)[6:],
+                         "shape": shape.label, "us": t * 1e6, "unit": unit,
+                         "throughput": work / t / (1e12 if unit == "TFLOP" else 1e9),
+                         "eager_us": times["eager"] * 1e6, "compile_us": None, "x_torch": times["torch"] / t,
+                         "x_eager": times["eager"] / t, "x_compile": None,
+                         "dispatch_ops": next((r["dispatch_ops"] for r in reversed(report["results"])
+                                               if r["kind"] == "correctness" and r["op"] == case.name
+                                               and r["backend"] == b), [case.dispatch_op])})
+            emit(rows[-1])
+        timed_units.append((case, shape, dtype, rows))
+    for case, shape, dtype, rows in timed_units if opts.compile else ():
+        what = f"{case.name} / {str(dtype)[6:]} / {shape.label}"
+        if over_budget(f"torch.compile timing {what}"):
+            continue
+        try:
+            t = time_compiled(case, shape, dtype, opts.device, budget_s)
+        except Exception as e:  # noqa: BLE001 - a compiler failure is a note, not a kernel failure
+            report["skipped"].append(f"torch.compile timing {what} failed: {type(e).__name__}: "
+                                     f"{str(e).splitlines()[0] if str(e) else ''}"[:300])
+            continue
+        for r in rows:
+            r.update(compile_us=t * 1e6, x_compile=t / (r["us"] / 1e6))
+        bar.write(f"{case.name:<14} {'compile':<7} {str(dtype)[6:]:<9} {shape.label:<28} {t * 1e6:>10.1f} µs "
+                  + " ".join(f"{r['backend']} ×{r['x_compile']:.2f}" for r in rows))
+        flush(False)
     bar.close()
     report["verified_entries"] = verified_entries(report["results"], env)
     flush(True)
