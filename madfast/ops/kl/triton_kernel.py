@@ -34,7 +34,9 @@ def launch_config(n_rows: int, n_cols: int) -> tuple[int, int, int]:
 
 
 def reduction_factor(reduction: str, B: int, C: int) -> float:
-    return {"sum": 1.0, "none": 1.0, "batchmean": 1.0 / B, "mean": 1.0 / (B * C)}[reduction]
+    """The reduction's factor on Σ rows; NaN for a mean over nothing (as torch's mean of an empty tensor)."""
+    count = {"sum": 1, "none": 1, "batchmean": B, "mean": B * C}[reduction]
+    return 1.0 / count if count else float("nan")
 
 
 @triton.jit
@@ -116,7 +118,7 @@ def _reduce_kernel(
     rows_ptr,  # (B,) fp32/fp64 row values
     total_ptr,  # () D = scale·Σ rows, fp32/fp64
     loss_ptr,  # () sign·min(D, bound) in the logits' dtype
-    B, scale, sign, bound,
+    B, scale, sign, bound_hi, bound_lo,  # bound = hi + lo: Triton passes float scalars as fp32
     ACC: tl.constexpr, HAS_BOUND: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # One program, a fixed order: deterministic, no atomics.
@@ -127,7 +129,8 @@ def _reduce_kernel(
     d = tl.sum(acc, 0) * scale
     tl.store(total_ptr, d)
     if HAS_BOUND:
-        d = tl.minimum(d, bound)
+        # bound added up in ACC; a NaN D (a mean over no rows) stays NaN, as with torch.clamp
+        d = tl.minimum(d, tl.zeros((), ACC) + bound_hi + bound_lo, propagate_nan=tl.PropagateNan.ALL)
     tl.store(loss_ptr, (d * sign).to(loss_ptr.dtype.element_ty))
 
 
@@ -216,8 +219,10 @@ def _outputs(s: torch.Tensor, reduction: str):
 def _finish(rows_acc, loss, total, reduction, scale, sign, bound):
     """The second stage of a reduced loss (nothing for "none": the rows were written already)."""
     if reduction != "none":
-        _reduce_kernel[(1,)](rows_acc, total, loss, rows_acc.numel(), scale, sign,
-                             0.0 if bound is None else float(bound), ACC=TL_DTYPES[rows_acc.dtype],
+        hi = 0.0 if bound is None else float(torch.tensor(bound, dtype=torch.float32))
+        lo = 0.0 if bound is None else float(bound) - hi  # exact in fp64; rounded to fp32 it keeps ~48 bits
+        _reduce_kernel[(1,)](rows_acc, total, loss, rows_acc.numel(), scale, sign, hi, lo,
+                             ACC=TL_DTYPES[rows_acc.dtype],
                              HAS_BOUND=bound is not None, BLOCK=REDUCE_BLOCK, num_warps=4)
 
 
