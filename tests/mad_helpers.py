@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from madfast.train import DistillConfig, TeacherConfig, train_teacher
 
 _TEACHERS: dict[str, str] = {}
@@ -28,3 +30,10 @@ def tiny_config(teacher_ckpt: str, out, **overrides) -> DistillConfig:
                   num_workers=0, device="cpu")
     values.update(overrides)
     return DistillConfig(**values)
+
+
+def assert_same_networks(a: dict, b: dict) -> None:
+    """Two distill checkpoints hold bit-identical student, generator and EMA-generator weights."""
+    for name in ("student", "generator", "ema"):
+        for k, v in a["task"][name].items():
+            assert torch.equal(v, b["task"][name][k]), (name, k)

@@ -19,7 +19,7 @@ from madfast.train import distill
 from madfast.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from madfast.train.logger import read_metrics
 from madfast.train.loop import LOSS_COLUMNS
-from mad_helpers import tiny_config, tiny_teacher
+from mad_helpers import assert_same_networks, tiny_config, tiny_teacher
 
 # 40 iterations of a toy MAD run: long enough to be killed mid-run, a few seconds in all.
 RUN = ["--dataset", "digits", "--teacher", "small_cnn", "--student", "small_cnn_half", "--nz", "16", "--ngf", "8",
@@ -76,9 +76,7 @@ def assert_every_checkpoint_reads(out):
 def assert_same_run(a, b):
     sa, sb = load_checkpoint(str(a)), load_checkpoint(str(b))
     assert sa["step"] == sb["step"] == TOTAL
-    for name in ("student", "generator", "ema"):
-        for k, v in sa["task"][name].items():
-            assert torch.equal(v, sb["task"][name][k]), (name, k)
+    assert_same_networks(sa, sb)
     for name in ("opt_g", "opt_s"):
         for i, st in sa["task"][name]["state"].items():
             for k, v in st.items():
@@ -139,9 +137,7 @@ def test_truncated_newest_checkpoint_falls_back_and_resumes_exactly(teacher, tmp
         distill(part, resume=str(tmp_path / "part"))
     a, b = load_checkpoint(str(tmp_path / "full")), load_checkpoint(str(tmp_path / "part"))
     assert a["step"] == b["step"] == 6
-    for name in ("student", "generator", "ema"):
-        for k, v in a["task"][name].items():
-            assert torch.equal(v, b["task"][name][k]), (name, k)
+    assert_same_networks(a, b)
 
 
 def test_load_checkpoint_fallback_and_errors(tmp_path):
