@@ -7,6 +7,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The tests check fp32 kernels against fp32/fp64 formulas, so on a GPU fp32 convolutions and matmuls
+# run in fp32, not in TF32 (PyTorch's default for cuDNN; the Triton GEMMs follow the same flag).
+# TF32 is a speed policy: `madfast check` verifies it with a TF32 floor (madfast.check.runner.floor).
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 import pytest  # noqa: E402
 
 import madfast  # noqa: E402,F401

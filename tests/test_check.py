@@ -296,3 +296,19 @@ def test_gpu_check_dry_run_lists_the_steps_in_order(tmp_path):
 def test_make_gpu_check_calls_the_script_with_out():
     proc = subprocess.run(["make", "-n", "gpu-check", "OUT=/tmp/x"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0 and "benchmarks/gpu_check.sh /tmp/x" in proc.stdout
+
+
+def test_tf32_floor_only_for_gpu_fp32_convolutions(monkeypatch):
+    """fp32 convolutions on a GPU are TF32 under cudnn.allow_tf32 (first H100 run: eager cuDNN took an
+    fp32 algorithm on a small shape, the aten path TF32): their floor is fp16's, nothing else's is."""
+    from madfast.check.runner import FLOORS, floor
+    conv, kl = CASES["upsample_conv"], CASES["kl"]
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert floor(conv, torch.float32, cuda) == FLOORS[torch.float16]
+    assert floor(CASES["block"], torch.float32, cuda) == FLOORS[torch.float16]
+    assert floor(conv, torch.float32, cpu) == FLOORS[torch.float32]
+    assert floor(kl, torch.float32, cuda) == FLOORS[torch.float32]
+    assert floor(conv, torch.bfloat16, cuda) == FLOORS[torch.bfloat16]
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert floor(conv, torch.float32, cuda) == FLOORS[torch.float32]

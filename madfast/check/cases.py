@@ -42,6 +42,7 @@ class Case:
     dtypes: tuple[torch.dtype, ...] = DTYPES
     in_place: bool = False  # mutates its first input (EMA): timed without copies
     dispatch_op: str = ""  # the op name asked of madfast._backend for availability
+    convolution: bool = False  # fp32 may run in TF32 (cuDNN's and the Triton GEMMs' rule): see runner.floor
 
 
 def _randn(shape, dtype, device, g, scale=1.0):
@@ -308,9 +309,10 @@ CASES: dict[str, Case] = {
                      _fused_loss("bn_stat_loss"),
                      _bn_shapes, _bn_work, grads=(0,), dispatch_op="channel_moments"),
     "upsample_conv": Case("upsample_conv", _conv_make, eager_upsample_conv, _upsample_conv_fused, _block_shapes,
-                          _conv_work, grads=(0, 1), dispatch_op="upsample_conv"),
+                          _conv_work, grads=(0, 1), dispatch_op="upsample_conv", convolution=True),
     "block": Case("block", _block_make, eager_block, _block_fused, _block_shapes, _conv_work, grads=(0, 1, 2, 3),
-                  dtypes=(torch.float32, torch.bfloat16, torch.float16), dispatch_op="upsample_conv"),
+                  dtypes=(torch.float32, torch.bfloat16, torch.float16), dispatch_op="upsample_conv",
+                  convolution=True),
     "bn_lrelu": Case("bn_lrelu", _bn_lrelu_make, eager_bn_lrelu, _bn_lrelu_fused, _bn_lrelu_shapes,
                      _bn_lrelu_work, grads=(0, 1, 2), dispatch_op="bn_lrelu"),
 }

@@ -6,12 +6,14 @@ a fixed order into BatchNorm's batch mean and variance (no E[y²]−E[y]² cance
 
 GEMM view: M = N·OH·OW output pixels, K = Cin·9 taps, N = Cout channels.
 fp32 GEMMs run in TF32 unless torch.backends.cudnn.allow_tf32 is off (cuDNN's rule), bf16/fp16 in
-their own precision on tensor cores. Status: correctness-tested under the CPU interpreter; not yet
-tuned on a GPU (no GPU lent so far): "auto" takes it only where `madfast check` verified it.
+their own precision on tensor cores. Status: correctness-tested under the CPU interpreter and on one
+H100 (benchmarks/results/2026-11-26-h100), not yet tuned there: "auto" takes it only where
+`madfast check` verified it.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -280,11 +282,36 @@ def _upsample_conv_grad_input_kernel(
              gx.to(gx_ptr.dtype.element_ty), mask=i_ok[:, None] & ci_ok[None, :])
 
 
+def grad_input_config(dtype: torch.dtype, max_shared: int) -> dict[str, int]:
+    """Tiles and pipeline depth of the grad-input kernel within ``max_shared`` bytes of shared memory
+    per block. Triton multi-buffers every load of the GEMM loop (grad_y, and y when BN is folded):
+    the default 3 stages at BLOCK_K=32 need 364 KiB in fp32 with the fold, over any GPU's limit (the
+    OutOfResources of the first H100 run). Measured for sm_90 (tests/test_triton_resources.py):
+    2 stages at BLOCK_K=16 need 116 KiB (fp32) / 80 KiB (bf16), 1 stage 64 KiB; fp64 with
+    BLOCK_CI=16 and 1 stage 64 KiB."""
+    if dtype == torch.float64:
+        return {"block_ci": 16, "block_k": 16, "num_stages": 1}
+    return {"block_ci": 32, "block_k": 16, "num_stages": 2 if max_shared >= 160 * 1024 else 1}
+
+
+def max_shared_memory(device: torch.device) -> int:
+    """Shared memory per block (bytes) of ``device``'s GPU; unlimited in the CPU interpreter."""
+    if device.type != "cuda" or interpreted():
+        return 1 << 30
+    return _max_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache  # a driver query: once per GPU, not per backward
+def _max_shared_memory(index: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
 def triton_upsample_conv_grad_input(grad_y: torch.Tensor, weight: torch.Tensor, x_shape: torch.Size,
-                                    x_like: torch.Tensor, fold: GradFold | None = None,
-                                    block_ci: int = 32, block_k: int = 32) -> torch.Tensor:
+                                    x_like: torch.Tensor, fold: GradFold | None = None) -> torch.Tensor:
     """The input gradient of conv3×3(upsample×2(x)) given grad_y (and the BN sums' gradients in
     ``fold``), in x's dtype and layout."""
+    cfg = grad_input_config(grad_y.dtype, max_shared_memory(grad_y.device))
+    block_ci = cfg["block_ci"]
     N, Cin, H, W = x_shape
     Cout = weight.shape[0]
     gx = torch.empty_like(x_like)
@@ -300,7 +327,7 @@ def triton_upsample_conv_grad_input(grad_y: torch.Tensor, weight: torch.Tensor, 
         grad_y, *fold.pointers(), w, gx, Cin, H, W, Cout, 2 * H, 2 * W, (H - 1) / (2 * H - 1), (W - 1) / (2 * W - 1),
         tiles_h, tiles_w, *grad_y.stride(), *fold.y.stride(), *gx.stride(), **fold.flags(),
         FP32_DOT=fp32_dot_precision(grad_y.dtype), ACC=_acc(grad_y.dtype), TILE_H=TILE_H, TILE_W=TILE_W, REGION=REGION,
-        REGION_W=2 * TILE_W + 4, BLOCK_CI=block_ci, BLOCK_K=block_k)
+        REGION_W=2 * TILE_W + 4, BLOCK_CI=block_ci, BLOCK_K=cfg["block_k"], num_stages=cfg["num_stages"])
     return gx
 
 
