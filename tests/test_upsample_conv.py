@@ -374,3 +374,18 @@ def test_aten_backward_op_bad_input():
         backward(g[:, :4], x, w, None, None, None, None, True, True)
     with pytest.raises(ValueError, match="y and mean .* must be given with grad_var"):
         backward(g, x, w, None, None, None, torch.randn(5), True, True)
+
+
+@pytest.mark.parametrize("M,tiles", [(1, 1), (511, 1), (2112, 1), (802_816, 36), (802_816, 4096), (8192, 144)])
+def test_grad_weight_splits_cover_every_pixel_once(M, tiles):
+    """The weight gradient's pixel splits: each a whole number of BLOCK_M steps (≥ 16 unless M is
+    small), together exactly [0, M), ~1024 programs where M allows (test_matches_reference's
+    33×3→5 4×4 case runs 4 splits, the last one short, against the fp64 formula)."""
+    pytest.importorskip("triton")
+    from madfast.ops.upsample_conv.triton_kernel import grad_weight_splits
+    splits, m_split = grad_weight_splits(M, tiles, 32)
+    assert m_split % 32 == 0 and (splits - 1) * m_split < M <= splits * m_split
+    assert splits == 1 or m_split >= 16 * 32
+    assert splits * tiles <= max(1024, tiles) + tiles
+    if M == 802_816 and tiles == 36:  # 64×64→64 ch 56→112 px: was one accumulator over all pixels
+        assert splits >= 16
