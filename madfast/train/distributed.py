@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from madfast.errors import UsageError
 
@@ -71,11 +72,20 @@ def wrap(module: nn.Module, ctx: DistContext) -> nn.Module:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def broadcast_buffers(module: nn.Module, ctx: DistContext) -> None:
-    """Rank 0's buffers everywhere (BN running statistics drift apart between DDP forwards)."""
-    if ctx.distributed:
-        for b in module.buffers():
-            dist.broadcast(b, 0)
+    """Rank 0's buffers everywhere (BN running statistics drift apart between DDP forwards): one
+    broadcast per dtype (buffers flattened), not one per buffer."""
+    if not ctx.distributed:
+        return
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for b in module.buffers():
+        groups.setdefault(b.dtype, []).append(b)
+    for bufs in groups.values():
+        flat = _flatten_dense_tensors(bufs)
+        dist.broadcast(flat, 0)
+        for b, v in zip(bufs, _unflatten_dense_tensors(flat, bufs)):
+            b.copy_(v)
 
 
 @torch.no_grad()

@@ -212,6 +212,9 @@ class MADTask:
             self.ema_step()
         for _ in range(self.cfg.s_steps):
             losses.update(self.student_step())
+        # Each rank's student BN statistics moved with its own batch; the next G step reads them (eval
+        # mode, outside DDP). Rank 0's everywhere, as in a checkpoint: a resumed run continues exactly.
+        broadcast_buffers(self.student_raw, self.ctx)
         self.sched_g.step()
         self.sched_s.step()
         return losses
