@@ -20,6 +20,13 @@ _EPILOG_DISTILL = """examples:
   torchrun --nproc_per_node 4 -m madfast distill --config run.yaml --amp bf16 --compile"""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments get one line (``madfast distill: error: ...``) and exit 2, not the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _config_parser(sub, name: str, cls, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
     from madfast.train.config import add_config_args
 
@@ -33,7 +40,7 @@ def _config_parser(sub, name: str, cls, help: str, epilog: str | None = None) ->
 def build_parser() -> argparse.ArgumentParser:
     from madfast.train.config import DistillConfig, TeacherConfig
 
-    parser = argparse.ArgumentParser(prog="madfast", description="Data-free knowledge distillation by "
+    parser = _Parser(prog="madfast", description="Data-free knowledge distillation by "
                                      "Momentum Adversarial Distillation (MAD), with fused kernels.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -83,6 +83,47 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(teacher, tmp_path, caps
     assert not out.exists()
 
 
+BAD_FLAGS = [  # (flag, value, what the one line must say): every distill flag that takes a value
+    ("--ema-decay", "1.5", "--ema-decay must be in [0, 1]"), ("--temperature", "0", "--temperature must be > 0"),
+    ("--lr-s", "-1", "--lr-s must be > 0"), ("--lr-g", "0", "--lr-g must be > 0"), ("--steps", "0", "--steps must be"),
+    ("--g-pretrain-steps", "-1", "--g-pretrain-steps must be"), ("--g-steps", "0", "--g-steps must be"),
+    ("--s-steps", "0", "--s-steps must be"), ("--batch-size", "0", "--batch-size must be"),
+    ("--keep-ckpts", "0", "--keep-ckpts must be"), ("--eval-batch-size", "0", "--eval-batch-size must be"),
+    ("--num-workers", "-1", "--num-workers must be"), ("--stop-after", "0", "--stop-after must be"),
+    ("--lambda0", "-1", "--lambda0 must be"), ("--lambda1", "-1", "--lambda1 must be"),
+    ("--lambda-ce", "-1", "--lambda-ce must be"), ("--lambda-bn", "-1", "--lambda-bn must be"),
+    ("--img-size", "7", "--img-size must be 16, 8·2^k"), ("--nz", "0", "--nz must be"), ("--ngf", "0", "--ngf must be"),
+    ("--grad-clip", "-1", "--grad-clip must be"), ("--weight-decay-s", "-1", "--weight-decay-s must be"),
+    ("--log-every", "0", "--log-every must be"), ("--eval-every", "-1", "--eval-every must be"),
+    ("--ckpt-every", "-1", "--ckpt-every must be"), ("--device", "tpu", "--device must be"),
+    ("--preset", "mnist", "--preset must be one of"), ("--dataset", "mnist", "unknown dataset 'mnist'"),
+    ("--student", "x", "unknown model 'x'"), ("--teacher", "x", "unknown model 'x'"),
+    ("--compile-mode", "fast", "argument --compile-mode: invalid choice: 'fast'"),
+    ("--amp", "fp8", "argument --amp: invalid choice"), ("--conditioning", "both", "argument --conditioning"),
+    ("--gen-block", "x", "argument --gen-block"), ("--gen-output", "relu", "argument --gen-output"),
+    ("--backend", "gpu", "argument --backend"), ("--adv-kind", "l3", "argument --adv-kind"),
+    ("--optimizer-s", "lion", "argument --optimizer-s"), ("--schedule", "step", "argument --schedule"),
+    ("--ema-buffers", "maybe", "argument --ema-buffers"), ("--ema-bn", "x", "argument --ema-bn"),
+    ("--seed", "x", "argument --seed: invalid int value"), ("--sync-bn", "x", "unrecognized arguments: x"),
+    ("--resume", "nope", "does not exist"), ("--config", "nope.yaml", "--config"),
+]
+
+
+@pytest.mark.parametrize("flag,value,message", BAD_FLAGS, ids=[f[0] for f in BAD_FLAGS])
+def test_every_flag_rejects_bad_values_with_one_line(teacher, tmp_path, capsys, flag, value, message):
+    out = tmp_path / "out"
+    if flag in ("--resume", "--config"):
+        value = str(tmp_path / value)
+    argv = ["distill", *TINY, "--teacher-ckpt", teacher, "--out", str(out), flag, value]
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own checks (choices, types)
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists()
+
+
 def test_batch_not_divisible_across_ranks(teacher, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # checked before joining a process group
     _fails(["distill", *TINY, "--batch-size", "15", "--teacher-ckpt", teacher, "--out", str(tmp_path / "o")],

@@ -29,13 +29,27 @@ class ResUpsampleBlock(nn.Module):
         return self.body(x) + self.shortcut(self.up(x))
 
 
-def _start_size(img_size: int) -> int:
-    """Side of the first feature map: 4 for 16 px, 8 for 8·2^k px, 7 for 7·2^k px (224)."""
+def _first_side(img_size) -> int | None:
+    """Side of the first feature map: 4 for 16 px, 8 for 8·2^k px, 7 for 7·2^k px (224); else None."""
     for start in (4, 8, 7):
         n = img_size // start if isinstance(img_size, int) else 0
         if n >= 4 and img_size % start == 0 and n & (n - 1) == 0 and (start != 4 or img_size == 16):
             return start
-    raise ValueError(f"Generator: img_size must be 16, 8·2^k (32, 64, 128, ...) or 7·2^k (224, ...), got {img_size!r}")
+    return None
+
+
+def _start_size(img_size: int) -> int:
+    start = _first_side(img_size)
+    if start is None:
+        raise ValueError(f"Generator: img_size {generator_img_size_error(img_size)}")
+    return start
+
+
+def generator_img_size_error(img_size) -> str | None:
+    """None if a Generator can make ``img_size``-pixel images, else what the size must be."""
+    if _first_side(img_size) is not None:
+        return None
+    return f"must be 16, 8·2^k (32, 64, 128, ...) or 7·2^k (224, ...), got {img_size!r}"
 
 
 class Generator(nn.Module):
