@@ -98,24 +98,55 @@ def _auto_allows(op: str, candidate: str, device: torch.device, dtype: torch.dty
     return _verified.is_verified(op, candidate, _verified.capability_of(device), dtype)
 
 
+# GPU kernels that add floats with atomics (the result's last bits depend on scheduling), and how.
+NONDETERMINISTIC = {
+    ("upsample_conv", "cuda"): "atomicAdd for the BN sums and the weight gradient",
+    ("bn_lrelu", "cuda"): "atomicAdd for the scale and shift gradients",
+    ("bn_lrelu", "triton"): "tl.atomic_add for the scale and shift gradients",
+}
+
+
+def why_nondeterministic(ops: tuple[str, ...], backend: str, device: torch.device) -> str | None:
+    """How ``backend`` runs one of ``ops`` on ``device`` nondeterministically, or None."""
+    if device.type != "cuda":  # CPU kernels and the Triton interpreter add in a fixed order
+        return None
+    for op in ops:
+        if (op, backend) in NONDETERMINISTIC:
+            return f"{op} on the {backend} backend uses {NONDETERMINISTIC[op, backend]}"
+    return None
+
+
 @torch.compiler.assume_constant_result  # asked once per trace: no graph break under torch.compile
 def choose(op: str, backend: str | None, device: torch.device, auto: tuple[str, ...] | None = None,
-           dtype: torch.dtype | None = None) -> str:
+           dtype: torch.dtype | None = None, also: tuple[str, ...] = ()) -> str:
     """The backend that runs ``op`` on ``device``: ``backend``, else $MADFAST_BACKEND, else auto.
     ``auto`` overrides the auto order for ops whose fused kernels are not yet the better default;
-    ``dtype`` narrows the verified-dispatch lookup to measurements in that dtype."""
+    ``dtype`` narrows the verified-dispatch lookup to measurements in that dtype; ``also`` names ops
+    the caller runs on the same backend (for the determinism rule).
+
+    Under ``torch.use_deterministic_algorithms(True)`` auto skips backends that use float atomics,
+    and an explicit one raises (warns under ``warn_only=True``), as PyTorch's own ops do."""
     if backend is None or backend == "auto":
         backend = os.environ.get("MADFAST_BACKEND", "auto") or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    deterministic = torch.are_deterministic_algorithms_enabled()
     if backend == "auto":
         for candidate in auto or _AUTO_ORDER.get(device.type, ("torch",)):
-            if _why_unavailable(op, candidate, device) is None and _auto_allows(op, candidate, device, dtype):
+            if (_why_unavailable(op, candidate, device) is None and _auto_allows(op, candidate, device, dtype)
+                    and not (deterministic and why_nondeterministic((op, *also), candidate, device))):
                 return candidate
         return "torch"
     reason = _why_unavailable(op, backend, device)
     if reason is not None:
         raise BackendUnavailableError(f"{op}: backend={backend!r} is unavailable: {reason}")
+    how = why_nondeterministic((op, *also), backend, device) if deterministic else None
+    if how is not None:
+        msg = (f"{how}, which is not deterministic, but torch.use_deterministic_algorithms(True) is set: "
+               f"use backend='auto', 'torch' or (for upsample_conv) 'aten', or turn determinism off")
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError(msg)
+        warnings.warn(msg, UserWarning, stacklevel=3)
     return backend
 
 

@@ -53,7 +53,8 @@ class UpsampleConvBlock(nn.Sequential):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"UpsampleConvBlock: x has {x.shape[1]} channels, the block expects "
                              f"in_channels={self.in_channels}")
-        chosen = _backend.choose("upsample_conv", self.backend, x.device, auto=auto_order(x.device), dtype=x.dtype)
+        chosen = _backend.choose("upsample_conv", self.backend, x.device, auto=auto_order(x.device), dtype=x.dtype,
+                                 also=("bn_lrelu",))
         if chosen != "torch" and self[1].bias is None:
             return upsample_conv_bn_lrelu(x, self[1], self[2], self.negative_slope, chosen)
         return super().forward(x)
