@@ -303,6 +303,40 @@ def test_bf16_stochastic_rounding_default_follows_the_exact_average(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_stochastic_rounding_resumes_exactly_with_its_step(device):
+    """A bf16 EMA saved after 5 updates and resumed with state_dict + stochastic_rounding_step equals
+    the uninterrupted one after 10, bit for bit; without the step it repeats the first bits."""
+    model = nn.Linear(64, 32, bias=False).to(device=device, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    steps = [torch.randn(model.weight.shape, generator=g).to(device) for _ in range(10)]
+
+    def run(ema, updates):
+        for w in updates:
+            with torch.no_grad():
+                model.weight.copy_(w)
+            ema.update(model)
+
+    start = model.weight.detach().clone()
+    full = FusedEMA(model, decay=0.9)
+    run(full, steps)
+    with torch.no_grad():
+        model.weight.copy_(start)
+    first = FusedEMA(model, decay=0.9)
+    run(first, steps[:5])
+    assert first.stochastic_rounding_step == 5 and "_extra_state" not in first.state_dict()  # timm's keys
+    resumed, forgetful = FusedEMA(model, decay=0.9), FusedEMA(model, decay=0.9)
+    for ema in (resumed, forgetful):
+        ema.load_state_dict(first.state_dict())
+    resumed.stochastic_rounding_step = first.stochastic_rounding_step
+    run(resumed, steps[5:])
+    run(forgetful, steps[5:])
+    assert torch.equal(resumed.module.weight, full.module.weight)
+    assert not torch.equal(forgetful.module.weight, full.module.weight)
+    with pytest.raises(ValueError, match="stochastic_rounding_step"):
+        resumed.stochastic_rounding_step = -1
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_cached_lists_follow_the_model(device):
     """The plan is reused across updates and rebuilt when the model's tensors change: a replaced
     Parameter (registration hook), a new storage (.to(), .data =), a new dtype."""

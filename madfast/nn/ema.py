@@ -206,6 +206,19 @@ class FusedEMA(nn.Module):
         self._apply_kind(model, "buffers", 0.0)
         self._count_update()
 
+    @property
+    def stochastic_rounding_step(self) -> int:
+        """Updates so far: with the seed, it picks stochastic rounding's random bits. Not in
+        state_dict() (whose keys stay timm's ModelEmaV3's): save it beside the state dict and set it
+        back on resume, or a resumed bf16/fp16 EMA repeats the bits of the first updates."""
+        return self._updates[0]
+
+    @stochastic_rounding_step.setter
+    def stochastic_rounding_step(self, step: int) -> None:
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"stochastic_rounding_step must be an int ≥ 0, got {step!r}")
+        self._updates[0] = step
+
     def _count_update(self) -> None:
         if not torch.compiler.is_compiling():
             self._updates[0] += 1  # a list: no nn.Module.__setattr__ per update

@@ -225,6 +225,7 @@ class MADTask:
     def state_dict(self) -> dict:
         return {"student": self.student_raw.state_dict(), "generator": self.g_raw.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
+                "ema_step": self.ema.stochastic_rounding_step if self.ema is not None else 0,
                 "opt_g": self.opt_g.state_dict(), "opt_s": self.opt_s.state_dict(),
                 "sched_g": self.sched_g.state_dict(), "sched_s": self.sched_s.state_dict(),
                 "scaler_g": self.scaler_g.state_dict(), "scaler_s": self.scaler_s.state_dict()}
@@ -234,5 +235,6 @@ class MADTask:
         self.g_raw.load_state_dict(state["generator"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+            self.ema.stochastic_rounding_step = state.get("ema_step", 0)  # absent before 2026-11-26
         for name in ("opt_g", "opt_s", "sched_g", "sched_s", "scaler_g", "scaler_s"):
             getattr(self, name).load_state_dict(state[name])
