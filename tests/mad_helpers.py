@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 
 import torch
 
@@ -37,3 +39,22 @@ def assert_same_networks(a: dict, b: dict) -> None:
     for name in ("student", "generator", "ema"):
         for k, v in a["task"][name].items():
             assert torch.equal(v, b["task"][name][k]), (name, k)
+
+
+def run_command(cmd: list[str], timeout: float = 300, **env) -> tuple[str, str]:
+    """Runs ``cmd`` (one thread per process) in its own session, so that on a timeout it is killed
+    with every process it started (torchrun's workers); returns (stdout, stderr), asserting exit 0."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **env}, start_new_session=True)
+    return finish(proc, timeout)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[str, str]:
+    """Waits for ``proc`` (started with start_new_session=True); kills its session on a timeout."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, err[-4000:]
+    return out, err

@@ -19,7 +19,7 @@ from madfast.train import distill
 from madfast.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from madfast.train.logger import read_metrics
 from madfast.train.loop import LOSS_COLUMNS
-from mad_helpers import assert_same_networks, tiny_config, tiny_teacher
+from mad_helpers import assert_same_networks, finish, tiny_config, tiny_teacher
 
 # 40 iterations of a toy MAD run: long enough to be killed mid-run, a few seconds in all.
 RUN = ["--dataset", "digits", "--teacher", "small_cnn", "--student", "small_cnn_half", "--nz", "16", "--ngf", "8",
@@ -38,16 +38,6 @@ def teacher(tmp_path_factory):
 def start(args, **env):
     return subprocess.Popen([sys.executable, "-m", "madfast", "distill", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**ENV, **env}, start_new_session=True)
-
-
-def finish(proc, timeout=240):
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, err[-3000:]
-    return out, err
 
 
 def kill9(proc):

@@ -1,15 +1,12 @@
 """2-process DDP on CPU (gloo) through torchrun, as users launch it."""
 
-import os
-import signal
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from madfast.train.checkpoint import load_checkpoint
-from mad_helpers import tiny_teacher
+from mad_helpers import run_command, tiny_teacher
 
 
 @pytest.mark.slow
@@ -21,16 +18,7 @@ def test_two_process_gloo_distill(tmp_path):
            "--student", "small_cnn_half", "--nz", "16", "--ngf", "8", "--batch-size", "16", "--steps", "3",
            "--g-pretrain-steps", "1", "--s-steps", "2", "--device", "cpu", "--no-progress", "--no-tensorboard",
            "--num-workers", "0", "--ckpt-every", "2", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # Own session: on timeout the workers are killed with torchrun, not orphaned.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
+    stdout, _ = run_command(cmd, 300)
     # Each checkpoint asserted the EMA generator identical on both ranks before writing.
     state = load_checkpoint(str(out))
     assert state["step"] == 4 and len(state["noise"]) == 2
@@ -40,17 +28,8 @@ def test_two_process_gloo_distill(tmp_path):
 
 
 def _torchrun(args, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "madfast",
-           "distill", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
-    return stdout
+    return run_command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                        "-m", "madfast", "distill", *args], timeout)[0]
 
 
 @pytest.mark.slow
