@@ -187,12 +187,21 @@ def test_emulated_channel_moments(emulated, shape, layout, dtype):
     elif layout == "strided":
         x = x.transpose(2, 3).contiguous().transpose(2, 3)
     moments = emulated.channel_moments(x)
-    for ours, theirs in zip(moments, torch.ops.madfast.channel_moments(x)):
-        close(ours, theirs, dtype)
+    # the fp64 formula: per-channel mean and biased variance of the values as stored
+    x64 = x.double()
+    mean, var = x64.mean((0, 2, 3)), x64.var((0, 2, 3), unbiased=False)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5  # fp32 accumulation (bf16 inputs are exact in fp32)
+    torch.testing.assert_close(moments[0].double(), mean, rtol=rtol, atol=0)
+    torch.testing.assert_close(moments[1].double(), var, rtol=rtol, atol=0)
     gm, gv = torch.randn(shape[1], generator=g).to(moments[0].dtype), torch.randn(shape[1], generator=g).to(moments[0].dtype)
-    close(emulated.channel_moments_backward(gm, gv, x, moments[0]),
-          torch.ops.madfast.channel_moments_backward(gm, gv, x, moments[0]).contiguous(
-              memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format), dtype)
+    grad = emulated.channel_moments_backward(gm, gv, x, moments[0])
+    m = x64.numel() // shape[1]
+    c = (slice(None), None, None)  # per channel, broadcast over (H, W); dim 0 (N) broadcasts too
+    expected = gm.double()[c] / m + gv.double()[c] * 2 * (x64 - mean[c]) / m  # d(gm·mean + gv·var)/dx
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(grad.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+    for ours, theirs in zip(moments, torch.ops.madfast.channel_moments(x)):  # and the C++ kernel agrees
+        close(ours, theirs, dtype)
 
 
 def test_emulated_ema_update(emulated):
@@ -213,9 +222,16 @@ def test_emulated_ema_update(emulated):
     decay = torch.tensor(0.9)
     emulated.ema_update_([e for e, _ in ours], [p for _, p in ours], decay, 0.0, -1, 0, None, None)
     torch.ops.madfast.ema_update_([e for e, _ in theirs], [p for _, p in theirs], decay)
-    for (a, _), (b, _), (before, _) in zip(ours, theirs, pairs):
+    for (a, _), (b, _), (before, p) in zip(ours, theirs, pairs):
         assert not torch.equal(a, before) or torch.equal(b, before)
         assert torch.equal(a, b)  # the same per-element math (csrc/ema.h), fma included
+        if before.is_floating_point():  # and the fp64 formula, rounded once to the EMA's dtype
+            w = 1 - decay.double().item()  # the decay tensor is fp32: 1 − fl32(0.9), formed in double
+            expected = before.double() + w * (p.double() - before.double())
+            rtol = {torch.float64: 1e-15, torch.float32: 1e-6}.get(before.dtype, 8e-3)
+            torch.testing.assert_close(a.double(), expected, rtol=rtol, atol=rtol)
+        else:
+            assert torch.equal(a, p)  # integer buffers copied
     # stochastic rounding: the same hashed bits on both (pair and element indices, vector and tail paths)
     ours = [(e.clone(), p) for e, p in pairs]
     theirs = [(e.clone(), p) for e, p in pairs]
@@ -223,6 +239,22 @@ def test_emulated_ema_update(emulated):
     torch.ops.madfast.ema_update_([e for e, _ in theirs], [p for _, p in theirs], None, 0.999, 5, 9)
     for (a, _), (b, _) in zip(ours, theirs):
         assert torch.equal(a, b)
+
+
+def test_emulated_ema_table_written_while_capturing(emulated):
+    """While a CUDA graph is captured the per-call table is written by fill kernels (128 values per
+    launch) instead of a copy from a host buffer: 70 pairs = 350 values = 2 full launches and a
+    partial one, same result as the copied table, bit for bit, and as the fp64 formula."""
+    g = torch.Generator().manual_seed(8)
+    ema = [torch.randn(n, generator=g) for n in range(1, 71)] + [torch.randn(9000, generator=g).bfloat16()]
+    cur = [torch.randn(e.shape, generator=g).to(e.dtype) for e in ema]
+    captured, copied = [e.clone() for e in ema], [e.clone() for e in ema]
+    emulated.ema_update_captured(captured, cur, None, 0.9, -1, 0)
+    emulated.ema_update_(copied, cur, None, 0.9, -1, 0, None, None)
+    for a, b, e, p in zip(captured, copied, ema, cur):
+        assert torch.equal(a, b)
+        expected = (e.double() + 0.1 * (p.double() - e.double())).to(e.dtype)
+        torch.testing.assert_close(a, expected, atol=1e-6, rtol=1e-6 if a.dtype == torch.float32 else 8e-3)
 
 
 def test_emulated_ema_cached_table(emulated):
