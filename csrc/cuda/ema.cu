@@ -1,4 +1,5 @@
 // Registers the CUDA kernel of madfast::ema_update_ (csrc/cuda/ema.cuh) on the current stream.
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -15,7 +16,10 @@ void ema_update_cuda(at::TensorList ema, at::TensorList params, const c10::optio
   if (ema.empty()) return;
   TORCH_CHECK_VALUE(ema[0].is_cuda(), "ema_update_ (CUDA kernel): tensors must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(ema[0].device());
-  ema_kernels::update_gpu(ema, params, decay, decay_value, sr_seed, sr_step, host_table, table, StreamLaunch{});
+  // While a CUDA graph is captured, a per-call table is written by kernels, not copied from the host.
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  ema_kernels::update_gpu(ema, params, decay, decay_value, sr_seed, sr_step, host_table, table, StreamLaunch{},
+                          capturing);
 }
 
 }  // namespace

@@ -8,7 +8,10 @@
 // plan's (host_table, table), kept on the device and rebuilt only when a row changes -- a tensor's
 // storage, size or dtype. A call that reuses it allocates nothing and copies nothing to the
 // device: the decay is a kernel argument or a device scalar, so the launch can be captured in a
-// CUDA graph.
+// CUDA graph. A per-call table built while a CUDA graph is being captured (plain lists, e.g.
+// FusedEMA under torch.compile with CUDA graphs) is written by fill kernels whose arguments carry
+// the rows: a graph replays them from its own copy of the arguments, never from a host buffer the
+// allocator may since have handed out again.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -116,9 +119,35 @@ struct TableRows {
   int64_t n_rows() const { return static_cast<int64_t>(rows.size()) / kTableCols; }
 };
 
-// The device table of this call: the plan's, refreshed only when a row changed, or a fresh one.
+constexpr int kFillValues = 128;  // int64 values per fill launch: 1 KiB of kernel arguments
+struct FillValues {
+  int64_t v[kFillValues];
+};
+
+__global__ void fill_table_kernel(int64_t* __restrict__ dst, FillValues values, int n) {
+  if (static_cast<int>(threadIdx.x) < n) dst[threadIdx.x] = values.v[threadIdx.x];
+}
+
+// The table through kernel arguments (capture-safe): ceil(values / 128) one-block launches.
+template <typename Launch>
+inline at::Tensor table_by_kernels(const TableRows& t, at::Device device, const Launch& launch) {
+  at::Tensor dev = at::empty({t.n_rows(), kTableCols}, at::TensorOptions(at::kLong).device(device));
+  const int64_t total = static_cast<int64_t>(t.rows.size());
+  for (int64_t first = 0; first < total; first += kFillValues) {
+    FillValues chunk{};
+    const int n = static_cast<int>(std::min<int64_t>(kFillValues, total - first));
+    std::memcpy(chunk.v, t.rows.data() + first, n * sizeof(int64_t));
+    launch(&fill_table_kernel, dim3(1), dim3(kFillValues), dev.data_ptr<int64_t>() + first, chunk, n);
+  }
+  return dev;
+}
+
+// The device table of this call: the plan's, refreshed only when a row changed, or a fresh one
+// (written by kernels while a CUDA graph is captured).
+template <typename Launch>
 inline at::Tensor device_table(const TableRows& t, bool cacheable, at::Device device,
-                               const c10::optional<at::Tensor>& host_table, const c10::optional<at::Tensor>& table) {
+                               const c10::optional<at::Tensor>& host_table, const c10::optional<at::Tensor>& table,
+                               bool capturing, const Launch& launch) {
   const size_t bytes = t.rows.size() * sizeof(int64_t);
   if (cacheable && host_table.has_value() && table.has_value()) {
     const at::Tensor& host = *host_table;
@@ -135,6 +164,7 @@ inline at::Tensor device_table(const TableRows& t, bool cacheable, at::Device de
     }
     return *table;
   }
+  if (capturing) return table_by_kernels(t, device, launch);
   at::Tensor host = at::empty({t.n_rows(), kTableCols}, at::TensorOptions(at::kLong).pinned_memory(device.is_cuda()));
   std::memcpy(host.data_ptr(), t.rows.data(), bytes);
   return host.to(device, /*non_blocking=*/true);  // pinned: the host does not wait
@@ -151,13 +181,14 @@ void launch_group(const int64_t* table, int64_t n_rows, int64_t blocks, const Em
 template <typename Launch>
 void update_gpu(at::TensorList ema, at::TensorList params, const c10::optional<at::Tensor>& decay, double decay_value,
                 int64_t sr_seed, int64_t sr_step, const c10::optional<at::Tensor>& host_table,
-                const c10::optional<at::Tensor>& table, const Launch& launch) {
+                const c10::optional<at::Tensor>& table, const Launch& launch, bool capturing = false) {
   at::Tensor keep;
   const EmaScalars s = ema_scalars(decay, decay_value, sr_seed, sr_step, keep);
   const EmaGroups groups(ema, params);
   const TableRows rows(groups);
   at::Tensor dev;
-  if (rows.n_rows() > 0) dev = device_table(rows, groups.direct, ema[0].device(), host_table, table);
+  if (rows.n_rows() > 0)
+    dev = device_table(rows, groups.direct, ema[0].device(), host_table, table, capturing, launch);
   groups.run(ema, params, [&](const std::vector<FlatPair>& pairs, auto e_tag, auto p_tag, size_t g) {
     launch_group<typename decltype(e_tag)::type, typename decltype(p_tag)::type>(
         dev.const_data_ptr<int64_t>() + rows.row_begin[g] * kTableCols, static_cast<int64_t>(pairs.size()),

@@ -55,6 +55,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     if (!ema.empty())
       mf::ema_kernels::update_gpu(ema, params, decay, decay_value, sr_seed, sr_step, host_table, table, launch);
   });
+  // The path taken while a CUDA graph is captured: the per-call table written by fill kernels.
+  m.def("ema_update_captured", [=](std::vector<at::Tensor> ema, std::vector<at::Tensor> params, const Optional& decay,
+                                   double decay_value, int64_t sr_seed, int64_t sr_step) {
+    mf::check_ema_args(ema, params, decay);
+    if (!ema.empty())
+      mf::ema_kernels::update_gpu(ema, params, decay, decay_value, sr_seed, sr_step, c10::nullopt, c10::nullopt,
+                                  launch, /*capturing=*/true);
+  });
   m.def("kl_div_fwd", [=](const at::Tensor& s, const at::Tensor& t, double tau, std::string reduction, double sign,
                           std::optional<double> bound) {
     return mf::logit_kernels::kl_div_fwd_gpu(s, t, tau, reduction, sign, bound, launch);
