@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     from madfast.train.config import DistillConfig, TeacherConfig
 
     parser = _Parser(prog="madfast", description="Data-free knowledge distillation by "
-                                     "Momentum Adversarial Distillation (MAD), with fused kernels.")
+                     "Momentum Adversarial Distillation (MAD), with fused kernels.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="train a teacher on the embedded digits, distill a student data-free "

@@ -31,36 +31,33 @@ def all_available(monkeypatch):
     monkeypatch.setattr(_backend, "_auto_allows", lambda op, backend, device, dtype: True)
 
 
-_choose = _backend.choose
-
-
 def test_auto_skips_atomic_kernels_only_when_asked(all_available):
     order = ("cuda", "triton", "aten", "torch")
-    assert _choose("upsample_conv", "auto", CUDA, auto=order) == "cuda"
-    assert _choose("upsample_conv", "auto", CUDA, auto=order, also=("bn_lrelu",)) == "cuda"
+    assert _backend.choose("upsample_conv", "auto", CUDA, auto=order) == "cuda"
+    assert _backend.choose("upsample_conv", "auto", CUDA, auto=order, also=("bn_lrelu",)) == "cuda"
     with deterministic():
-        assert _choose("upsample_conv", "auto", CUDA, auto=order) == "triton"  # the op alone: no atomics
+        assert _backend.choose("upsample_conv", "auto", CUDA, auto=order) == "triton"  # the op alone: no atomics
         # the block runs bn_lrelu on the same backend, whose CUDA and Triton backwards use atomics
-        assert _choose("upsample_conv", "auto", CUDA, auto=order, also=("bn_lrelu",)) == "aten"
-        assert _choose("kl_div_fwd", "auto", CUDA, auto=("cuda", "torch")) == "cuda"  # deterministic kernels
-        assert _choose("ema_update_", "auto", CUDA, auto=("triton", "torch")) == "triton"
+        assert _backend.choose("upsample_conv", "auto", CUDA, auto=order, also=("bn_lrelu",)) == "aten"
+        assert _backend.choose("kl_div_fwd", "auto", CUDA, auto=("cuda", "torch")) == "cuda"  # deterministic kernels
+        assert _backend.choose("ema_update_", "auto", CUDA, auto=("triton", "torch")) == "triton"
 
 
 @pytest.mark.parametrize("op,backend", [("upsample_conv", "cuda"), ("bn_lrelu", "triton"), ("bn_lrelu", "cuda")])
 def test_explicit_atomic_backend_raises_naming_the_op(all_available, op, backend):
-    assert _choose(op, backend, CUDA) == backend
+    assert _backend.choose(op, backend, CUDA) == backend
     with deterministic(), pytest.raises(RuntimeError, match=rf"{op} on the {backend} backend uses .*atomic.*"
                                                             r"use_deterministic_algorithms\(True\)"):
-        _choose(op, backend, CUDA)
+        _backend.choose(op, backend, CUDA)
     with deterministic(warn_only=True), pytest.warns(UserWarning, match="not deterministic"):
-        assert _choose(op, backend, CUDA) == backend
+        assert _backend.choose(op, backend, CUDA) == backend
 
 
 def test_block_with_triton_raises_for_its_bn_backward(all_available):
     with deterministic(), pytest.raises(RuntimeError, match="bn_lrelu on the triton backend"):
-        _choose("upsample_conv", "triton", CUDA, also=("bn_lrelu",))
+        _backend.choose("upsample_conv", "triton", CUDA, also=("bn_lrelu",))
     with deterministic():
-        assert _choose("upsample_conv", "aten", CUDA, also=("bn_lrelu",)) == "aten"
+        assert _backend.choose("upsample_conv", "aten", CUDA, also=("bn_lrelu",)) == "aten"
 
 
 def test_cpu_kernels_are_deterministic_and_unchanged():

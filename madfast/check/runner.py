@@ -32,6 +32,7 @@ __all__ = ["CheckOptions", "run_check", "environment", "verified_entries", "FORM
 FORMAT = "madfast-check/1"
 FLOORS = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 FORWARD_FACTOR, GRADIENT_FACTOR = 2.0, 3.0
+FUSED_BACKENDS = ("cuda", "cpp", "triton", "aten")
 
 
 def floor(case: Case, dtype: torch.dtype, device: torch.device) -> float:
@@ -43,7 +44,6 @@ def floor(case: Case, dtype: torch.dtype, device: torch.device) -> float:
             and torch.backends.cudnn.allow_tf32):
         return FLOORS[torch.float16]
     return FLOORS[dtype]
-FUSED_BACKENDS = ("cuda", "cpp", "triton", "aten")
 
 
 @dataclass
@@ -403,7 +403,7 @@ def run_check(opts: CheckOptions) -> int:
             try:
                 row = {**base, **check_correctness(case, b, shape, dtype, opts.device)}
             except Exception as e:  # noqa: BLE001 - a crash is a failure of that kernel, reported, not fatal
-                row = {**base, "ok": False, "ratio": math.inf, "max_err": math.inf, "tol": FLOORS[dtype],
+                row = {**base, "ok": False, "ratio": math.inf, "max_err": math.inf, "tol": floor(case, dtype, opts.device),
                        "worst": "error", "error": f"{type(e).__name__}: {e}"[:500], "dispatch_ops": [case.dispatch_op]}
             row["seconds"] = round(time.perf_counter() - t0, 3)  # on a GPU: mostly JIT compilation
             emit(row)

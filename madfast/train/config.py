@@ -112,8 +112,8 @@ class DistillConfig:
         _check(0.0 <= self.ema_decay <= 1.0, "ema_decay", "must be in [0, 1]")
         if self.img_size:  # 0: the data set's, checked once known
             from madfast.models.generator import generator_img_size_error
-            _check(generator_img_size_error(self.img_size) is None, "img_size",
-                   generator_img_size_error(self.img_size))
+            error = generator_img_size_error(self.img_size)
+            _check(error is None, "img_size", error)
         _check(self.adv_bound is None or self.adv_bound > 0, "adv_bound", "must be > 0 or none")
         return self
 

@@ -72,7 +72,6 @@ def wrap(module: nn.Module, ctx: DistContext) -> nn.Module:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def broadcast_buffers(module: nn.Module, ctx: DistContext) -> None:
     """Rank 0's buffers everywhere (BN running statistics drift apart between DDP forwards): one
     broadcast per dtype (buffers flattened), not one per buffer."""
