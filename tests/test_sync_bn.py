@@ -70,3 +70,26 @@ def test_global_bn_prior_on_two_processes(tmp_path):
     # a per-rank prior (the bug this fixes) is a different number
     local = _global_prior(_teacher(), _batch().double()[0::WORLD]).item()
     assert abs(local - want.item()) > 0.05 * want.item()
+
+
+def test_global_prior_keeps_precision_when_mean_dwarfs_std(tmp_path):
+    """fp32 activations at 1000 ± 0.1 with running statistics near them: the moments are summed
+    around the running mean, so the variance is not lost to E[x²] − E[x]² cancellation (~0.06
+    error in fp32 summing raw x, against a variance of 0.01)."""
+    from madfast.train.sync_bn import GlobalBNStatHook
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        bn = nn.BatchNorm2d(3).eval()
+        bn.running_mean.fill_(1000.0)
+        bn.running_var.fill_(0.02)
+        model = nn.Sequential(bn)
+        hook = GlobalBNStatHook(model, backend="torch")
+        x = 1000.0 + 0.1 * torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        model(x)
+        got = hook.loss.item()
+    finally:
+        dist.destroy_process_group()
+    x64 = x.double()
+    want = ((x64.mean((0, 2, 3)) - 1000.0).norm() + (x64.var((0, 2, 3), unbiased=False) - 0.02).norm()).item()
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-6)

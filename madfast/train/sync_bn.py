@@ -26,15 +26,20 @@ class GlobalBNStatHook(BNStatHook):
     def _record(self, bn: nn.BatchNorm2d, args) -> None:
         if not self.enabled:
             return
-        x = args[0].float()
+        x = args[0]
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 sums for bf16/fp16, fp64 stays fp64
+        # Sums of x − running_mean (the same on every rank): one all-reduce, and no cancellation in
+        # E[d²] − E[d]² while the batch mean is near the running mean, where the prior drives it.
+        shift = bn.running_mean.to(x.dtype).view(1, -1, 1, 1)
+        d = x - shift
         count = torch.full((1,), x.numel() // x.shape[1], dtype=x.dtype, device=x.device)
-        sums = all_reduce(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count]), dist.ReduceOp.SUM)
+        sums = all_reduce(torch.cat([d.sum((0, 2, 3)), (d * d).sum((0, 2, 3)), count]), dist.ReduceOp.SUM)
         c = x.shape[1]
         n = sums[2 * c]
-        mean = sums[:c] / n
-        var = sums[c:2 * c] / n - mean * mean
-        self._losses.append(torch.linalg.vector_norm(mean - bn.running_mean.float())
-                            + torch.linalg.vector_norm(var - bn.running_var.float()))
+        mean_d = sums[:c] / n  # μ − running_mean
+        var = sums[c:2 * c] / n - mean_d * mean_d
+        self._losses.append(torch.linalg.vector_norm(mean_d)
+                            + torch.linalg.vector_norm(var - bn.running_var.to(x.dtype)))
 
 
 def sync_generator_bn(generator: nn.Module, device: torch.device) -> nn.Module:
