@@ -25,7 +25,10 @@ def test_demo_at_tiny_scale_really_learns(tmp_path):
     m = run_demo(str(tmp_path), seed=0, progress=False, teacher_overrides={"epochs": 3},
                  distill_overrides={"steps": 150, "g_pretrain_steps": 30, "eval_every": 0})
     assert m["teacher_acc"] > 90
-    assert m["student_acc"] > 35, m  # chance is 10%
+    # Measured (2026-11-26, 2-core CPU): 90.2 / 87.8 / 88.4 % on seeds 0 / 1 / 2; chance is 10 %. A
+    # trainer that does not learn fails this; the planted MAD bugs (swapped KL, flipped adversarial
+    # sign, wrong decay, ...) also learn digits, so tests/test_mad_semantics.py is what catches them.
+    assert m["student_acc"] > 75, m
     saved = json.load(open(tmp_path / "metrics.json"))
     assert {"teacher_acc", "student_acc", "ratio", "seconds"} <= set(saved)
     assert saved["ratio"] == pytest.approx(m["student_acc"] / m["teacher_acc"])
@@ -132,5 +135,18 @@ def test_compile_option_runs_and_learns_like_eager(teacher, tmp_path):
     compiled = distill(tiny_config(teacher, tmp_path / "compiled", compile=True))
     eager = distill(tiny_config(teacher, tmp_path / "eager"))
     assert compiled["finished"] and compiled["student_acc"] is not None
-    # Same seeds and data: compiled kernels round differently, but a 4-step run stays close.
-    assert abs(compiled["student_acc"] - eager["student_acc"]) < 15
+    # Same seeds, same codes: inductor's kernels only round differently. Measured over these 6 steps:
+    # logged losses within 5e-7 relative, weights within 1.2e-5. A compiled path that drops the BN
+    # prior's hooks, or any term, is off by whole units.
+    rows_c = read_metrics(os.path.join(tmp_path, "compiled", "metrics.csv"))
+    rows_e = read_metrics(os.path.join(tmp_path, "eager", "metrics.csv"))
+    assert len(rows_c) == len(rows_e) == 6
+    for a, b in zip(rows_c, rows_e):
+        for k in LOSS_COLUMNS:
+            if b[k] != "":
+                assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-4), (b["step"], k)
+    a, b = load_checkpoint(str(tmp_path / "compiled")), load_checkpoint(str(tmp_path / "eager"))
+    for name in ("student", "generator"):
+        for k, v in b["task"][name].items():
+            if v.is_floating_point():
+                torch.testing.assert_close(a["task"][name][k], v, rtol=0, atol=1e-3, msg=f"{name}.{k}")
