@@ -21,7 +21,7 @@ def _cuda_build_expected() -> bool:
 
 
 COMPILED_OPS = ["ema_update_", "kl_div_fwd", "kl_div_bwd", "l1_fwd", "l1_bwd", "channel_moments", "channel_moments_backward", "upsample_conv",
-                "upsample_conv_backward", "bn_lrelu", "bn_lrelu_backward"]
+                "upsample_conv_backward", "bn_lrelu", "bn_lrelu_backward", "bn_stat_losses", "bn_stat_losses_backward"]
 
 
 @pytest.mark.parametrize("op", COMPILED_OPS)

@@ -204,6 +204,92 @@ def test_emulated_channel_moments(emulated, shape, layout, dtype):
         close(ours, theirs, dtype)
 
 
+def bn_prior_formula(xs, rms, rvs):
+    """Σ_l ‖mean_c(x_l) − rm_l‖₂ + ‖var_c(x_l) − rv_l‖₂ (biased) in fp64, and its gradients."""
+    xs64 = [x.detach().double().requires_grad_() for x in xs]
+    loss = sum((x.mean((0, 2, 3)) - rm.double()).norm() + (x.var((0, 2, 3), unbiased=False) - rv.double()).norm()
+               for x, rm, rv in zip(xs64, rms, rvs))
+    return loss.detach(), torch.autograd.grad(loss, xs64)
+
+
+def bn_layers(specs, seed=7):
+    """(shape, layout, dtype, offset) → x, running_mean, running_var; the offset makes |mean| ≫ std."""
+    g = torch.Generator().manual_seed(seed)
+    xs, rms, rvs = [], [], []
+    for shape, layout, dtype, offset in specs:
+        x = (torch.randn(shape, generator=g) * 0.5 + offset).to(dtype)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif layout == "strided":
+            x = x.transpose(2, 3).contiguous().transpose(2, 3)  # neither layout: copied by the kernel
+        xs.append(x)
+        rms.append(torch.randn(shape[1], generator=g) + offset)
+        rvs.append(torch.rand(shape[1], generator=g) + 0.2)
+    return xs, rms, rvs
+
+
+# Row splits for NCHW (2 × 64² = 8192 rows: 2 splits) and channels_last (400 rows: 3 splits), NCHW
+# threads whose rows cross samples (40 × 35 rows, 256 apart: the (n, hw) stepping), two channel
+# groups of 32 (C = 40), 1×1 maps, a lone value, |mean| ≫ std (offset 1000), a strided view, and
+# bf16 beside fp32 in one call (two dtype groups).
+BN_SPECS = [((2, 3, 64, 64), "contiguous", torch.float32, 0.0), ((4, 40, 10, 10), "channels_last", torch.float32, 2.0),
+            ((3, 70, 1, 1), "contiguous", torch.float32, -1.0), ((1, 1, 1, 1), "contiguous", torch.float32, 0.5),
+            ((2, 5, 6, 7), "contiguous", torch.float32, 1000.0), ((2, 4, 5, 3), "strided", torch.float32, 0.0),
+            ((2, 33, 4, 4), "channels_last", torch.bfloat16, 1.0), ((40, 2, 7, 5), "contiguous", torch.float32, 0.3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_emulated_bn_stat_losses(emulated, dtype):
+    """The multi-layer CUDA op against the fp64 formula: the loss, each layer's moments and norms,
+    and every grad_x (in x's dtype and layout)."""
+    specs = [(shape, layout, dtype if d == torch.float32 else d, offset) for shape, layout, d, offset in BN_SPECS]
+    xs, rms, rvs = bn_layers(specs)
+    loss, moments, norms = emulated.bn_stat_losses(xs, rms, rvs)
+    want, grads = bn_prior_formula(xs, rms, rvs)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.dtype == moments.dtype == norms.dtype == acc
+    assert moments.shape == (2, sum(x.shape[1] for x in xs)) and norms.shape == (2, len(xs))
+    tol = 1e-12 if dtype == torch.float64 else 2e-5  # fp32: per-thread shifted sums, Chan merges
+    assert abs(loss.item() - want.item()) <= tol * want.item()
+    col = 0
+    for x, rm, rv, norm_m, norm_v in zip(xs, rms, rvs, norms[0], norms[1]):
+        x64, c = x.double(), x.shape[1]
+        mean, var = x64.mean((0, 2, 3)), x64.var((0, 2, 3), unbiased=False)
+        torch.testing.assert_close(moments[0, col:col + c].double(), mean, rtol=tol, atol=tol)
+        torch.testing.assert_close(moments[1, col:col + c].double(), var, rtol=10 * tol, atol=tol)
+        assert norm_m.item() == pytest.approx((mean - rm.double()).norm().item(), rel=10 * tol, abs=tol)
+        assert norm_v.item() == pytest.approx((var - rv.double()).norm().item(), rel=10 * tol, abs=tol)
+        col += c
+    ones = torch.ones((), dtype=acc)
+    out = emulated.bn_stat_losses_backward(2.5 * ones, xs, rms, rvs, moments, norms)
+    for x, gx, want_g in zip(xs, out, grads):
+        assert gx.dtype == x.dtype and gx.shape == x.shape
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            assert gx.is_contiguous(memory_format=torch.channels_last)
+        g_tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 1e-2}[x.dtype]
+        torch.testing.assert_close(gx.double(), 2.5 * want_g, rtol=g_tol, atol=g_tol * want_g.abs().max().item())
+
+
+def test_emulated_bn_stat_losses_many_layers_and_edges(emulated):
+    """More layers than one launch's table (24): two launches per stage, layer order kept; a layer
+    with no positions gives NaN moments (as PyTorch's mean of nothing), the others stay finite."""
+    specs = [((2, 1 + l % 5, 3, 1 + l % 4), "channels_last" if l % 3 == 0 else "contiguous", torch.float32, 0.1 * l)
+             for l in range(30)]
+    xs, rms, rvs = bn_layers(specs, seed=8)
+    loss, moments, norms = emulated.bn_stat_losses(xs, rms, rvs)
+    want, grads = bn_prior_formula(xs, rms, rvs)
+    assert loss.item() == pytest.approx(want.item(), rel=2e-5)
+    out = emulated.bn_stat_losses_backward(torch.ones(()), xs, rms, rvs, moments, norms)
+    for gx, want_g in zip(out, grads):
+        torch.testing.assert_close(gx.double(), want_g, rtol=1e-4, atol=1e-4 * want_g.abs().max().item())
+    empty = torch.zeros(0, 3, 4, 4)
+    loss, moments, norms = emulated.bn_stat_losses([xs[0], empty], [rms[0], torch.zeros(3)], [rvs[0], torch.ones(3)])
+    assert loss.isnan() and norms[:, 0].isfinite().all() and norms[:, 1].isnan().all()
+    assert moments[:, xs[0].shape[1]:].isnan().all()
+    with pytest.raises(ValueError, match=r"running_mean\[1\]"):
+        emulated.bn_stat_losses([xs[0], xs[1]], [rms[0], rms[0].new_zeros(99)], [rvs[0], rvs[1]])
+
+
 def test_emulated_ema_update(emulated):
     """Every (EMA dtype, tensor dtype) group, full and partial 4096-element chunks, tensors shorter
     than a vector, a view that is not 16-byte aligned (the scalar path), an integer buffer."""

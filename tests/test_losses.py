@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import DEVICES, assert_within, backends_for, rel_err, skip_unless_available
+from conftest import DEVICES, assert_within, backends_for, rel_err, requires_cuda, skip_unless_available
 from madfast.ops import adversarial_loss, bn_stat_loss, kl_div
 from madfast.ops.kl import torch_kl_div
 
@@ -203,7 +203,7 @@ def test_opcheck(device, backend):
     mean = x.detach().mean((0, 2, 3))
     torch.library.opcheck(compiled_op("channel_moments_backward", backend),
                           (torch.randn(3, device=device), torch.randn(3, device=device), x.detach(), mean))
-    if backend == "cpp":
+    if backend in ("cpp", "cuda"):  # the multi-layer op
         xs = [x, torch.randn(3, 4, 2, 2, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()]
         stats = ([torch.randn(3, device=device), torch.zeros(4, device=device)],
                  [torch.rand(3, device=device), torch.ones(4, device=device)])
@@ -347,12 +347,15 @@ def expected_bn_losses(xs, rms, rvs):
     return total.detach(), torch.autograd.grad(total, xs64)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
-def test_bn_stat_losses_many_layers(backend):
-    skip_unless_available("channel_moments", backend, "cpu")
+@pytest.mark.parametrize("device,backend", [("cpu", "torch"), ("cpu", "triton"), ("cpu", "cpp"),
+                                            pytest.param("cuda", "cuda", marks=requires_cuda),
+                                            pytest.param("cuda", "triton", marks=requires_cuda)])
+def test_bn_stat_losses_many_layers(device, backend):
+    skip_unless_available("channel_moments", backend, device)
     from madfast.ops.bn_stats import bn_stat_losses
 
     xs, rms, rvs = bn_layers()
+    xs, rms, rvs = ([t.to(device) for t in ts] for ts in (xs, rms, rvs))
     loss, grads = expected_bn_losses(xs, rms, rvs)
     ours_x = [x.detach().clone().requires_grad_() for x in xs]
     ours = bn_stat_losses(ours_x, rms, rvs, backend=backend)

@@ -5,6 +5,7 @@
 #include "cuda_emulator.h"
 // after the emulator, which defines the CUDA keywords they use
 #include "cuda/bn_lrelu.cuh"
+#include "cuda/bn_stat_losses.cuh"
 #include "cuda/channel_moments.cuh"
 #include "cuda/ema.cuh"
 #include "cuda/logit_losses.cuh"
@@ -46,6 +47,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("channel_moments_backward", [=](const at::Tensor& gm, const at::Tensor& gv, const at::Tensor& x,
                                         const at::Tensor& mean) {
     return mf::moments::backward_gpu(gm, gv, x, mean, launch);
+  });
+  m.def("bn_stat_losses", [=](std::vector<at::Tensor> xs, std::vector<at::Tensor> rms, std::vector<at::Tensor> rvs) {
+    return mf::bn_losses::forward_gpu(xs, rms, rvs, launch);
+  });
+  m.def("bn_stat_losses_backward", [=](const at::Tensor& g, std::vector<at::Tensor> xs, std::vector<at::Tensor> rms,
+                                       std::vector<at::Tensor> rvs, const at::Tensor& moments,
+                                       const at::Tensor& norms) {
+    return mf::bn_losses::backward_gpu(g, xs, rms, rvs, moments, norms, launch);
   });
   // the CUDA op's arguments; the "device" tables are CPU tensors here
   m.def("ema_update_", [=](std::vector<at::Tensor> ema, std::vector<at::Tensor> params, const Optional& decay,

@@ -1,9 +1,10 @@
 """madfast.ops.bn_stat_loss / bn_stat_losses over fused per-channel moments.
 
-C++ (CPU): ``madfast::bn_stat_losses`` takes every layer at once, moments and both penalties in one
-op (its backward writes every grad_x), so a teacher's BN loss costs one dispatch, not one per layer.
-CUDA and Triton: ``madfast::channel_moments`` / ``channel_moments_triton`` per layer (one read of x
-for the (C,) mean and biased variance, one more in the backward), the norms as torch ops.
+C++ (CPU) and CUDA: ``madfast::bn_stat_losses`` takes every layer at once, moments and both
+penalties in one op (its backward writes every grad_x), so a teacher's BN loss costs one dispatch,
+not one per layer; on CUDA a split reduction (csrc/cuda/bn_stat_losses.cuh). Triton:
+``channel_moments_triton`` per layer (one read of x for the (C,) mean and biased variance, one
+more in the backward), the norms as torch ops.
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ def bn_stat_loss(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch
     return bn_stat_losses([x], [running_mean], [running_var], backend=backend).to(x.dtype)
 
 
-_MULTI_LAYER_CPU = _backend.has_kernel("bn_stat_losses", "CPU")  # asked once: no dispatcher query under compile
+# asked once: no dispatcher query under compile
+_MULTI_LAYER = {"cpp": _backend.has_kernel("bn_stat_losses", "CPU"), "cuda": _backend.has_kernel("bn_stat_losses", "CUDA")}
 
 
 class _BnStatLosses(torch.autograd.Function):
@@ -156,7 +158,8 @@ def bn_stat_losses(xs: list[torch.Tensor], running_means: list[torch.Tensor], ru
         xs: BN inputs (N, C_l, H, W), on one device (validated by the kernel, which names the
             offending ``x[l]``: the per-layer Python checks are what this call saves).
         running_means, running_vars: (C_l,) each, as many as xs.
-        backend: "auto", "torch", "triton", "cuda" or "cpp"; on "cpp" one op for every layer.
+        backend: "auto", "torch", "triton", "cuda" or "cpp"; on "cpp" and "cuda" one op for every
+            layer (CUDA: 3 launches forward, 1 backward, up to 24 layers of a dtype per launch).
     Returns:
         A 0-d tensor, fp32 (fp64 when an x is fp64), differentiable w.r.t. every x.
     """
@@ -166,7 +169,7 @@ def bn_stat_losses(xs: list[torch.Tensor], running_means: list[torch.Tensor], ru
         raise ValueError(f"bn_stat_losses: x has {len(xs)} tensors but running_mean has {len(running_means)} "
                          f"and running_var {len(running_vars)}")
     chosen = _backend.choose("channel_moments", backend, xs[0].device)
-    if chosen == "cpp" and _MULTI_LAYER_CPU:
+    if _MULTI_LAYER.get(chosen, False):
         return _BnStatLosses.apply(len(xs), *xs, *running_means, *running_vars)
     acc = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
     total = None
