@@ -10,11 +10,27 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.nn.functional import all_reduce
 
 from madfast.nn import BNStatHook
 
 __all__ = ["GlobalBNStatHook", "sync_generator_bn"]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Σ over ranks, differentiable: the gradient of every rank's copy of the sum is all-reduced
+    too (what torch.distributed.nn.functional.all_reduce did before its deprecation)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 class GlobalBNStatHook(BNStatHook):
@@ -33,7 +49,7 @@ class GlobalBNStatHook(BNStatHook):
         shift = bn.running_mean.to(x.dtype).view(1, -1, 1, 1)
         d = x - shift
         count = torch.full((1,), x.numel() // x.shape[1], dtype=x.dtype, device=x.device)
-        sums = all_reduce(torch.cat([d.sum((0, 2, 3)), (d * d).sum((0, 2, 3)), count]), dist.ReduceOp.SUM)
+        sums = _AllReduceSum.apply(torch.cat([d.sum((0, 2, 3)), (d * d).sum((0, 2, 3)), count]))
         c = x.shape[1]
         n = sums[2 * c]
         mean_d = sums[:c] / n  # μ − running_mean
