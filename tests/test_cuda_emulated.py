@@ -273,8 +273,8 @@ def test_emulated_bn_stat_losses(emulated, dtype):
 def test_emulated_bn_stat_losses_many_layers_and_edges(emulated):
     """More layers than one launch's table (24): two launches per stage, layer order kept; a layer
     with no positions gives NaN moments (as PyTorch's mean of nothing), the others stay finite."""
-    specs = [((2, 1 + l % 5, 3, 1 + l % 4), "channels_last" if l % 3 == 0 else "contiguous", torch.float32, 0.1 * l)
-             for l in range(30)]
+    specs = [((2, 1 + i % 5, 3, 1 + i % 4), "channels_last" if i % 3 == 0 else "contiguous", torch.float32, 0.1 * i)
+             for i in range(30)]
     xs, rms, rvs = bn_layers(specs, seed=8)
     loss, moments, norms = emulated.bn_stat_losses(xs, rms, rvs)
     want, grads = bn_prior_formula(xs, rms, rvs)

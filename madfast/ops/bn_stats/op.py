@@ -126,7 +126,8 @@ def bn_stat_loss(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch
 
 
 # asked once: no dispatcher query under compile
-_MULTI_LAYER = {"cpp": _backend.has_kernel("bn_stat_losses", "CPU"), "cuda": _backend.has_kernel("bn_stat_losses", "CUDA")}
+_MULTI_LAYER = {"cpp": _backend.has_kernel("bn_stat_losses", "CPU"),
+                "cuda": _backend.has_kernel("bn_stat_losses", "CUDA")}
 
 
 class _BnStatLosses(torch.autograd.Function):
