@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation", action="store_true", help="run MAD, no-EMA and no-adversarial-term on the same "
                    "seeds and print student accuracy mean ± std per variant (OUT/ablation.json)")
     p.add_argument("--seeds", default="0,1,2", metavar="S,S,...", help="seeds of --ablation (default: 0,1,2)")
+    p.add_argument("--shift", default="demo", choices=["demo", "hard"], help="--ablation's distribution shift: demo "
+                   "(the demo's settings) or hard (1 student step per G step, lr_G 3e-3) (default: demo)")
 
     _config_parser(sub, "train-teacher", TeacherConfig, "supervised training of a teacher on a local data set")
     p = _config_parser(sub, "distill", DistillConfig, "data-free distillation of a teacher into a student with MAD",
@@ -135,6 +137,8 @@ def _cmd_demo(args) -> int:
         raise UsageError("--steps must be ≥ 1")
     if args.ablation:
         return _demo_ablation(args, out)
+    if args.shift != "demo":
+        raise UsageError("--shift applies to --ablation runs only")
     overrides = {"steps": args.steps} if args.steps else {}
     m = run_demo(out, seed=args.seed, progress=args.progress, distill_overrides=overrides)
     print(f"teacher test accuracy {m['teacher_acc']:.2f}%  student test accuracy {m['student_acc']:.2f}%  "
@@ -151,7 +155,7 @@ def _demo_ablation(args, out: str) -> int:
         raise UsageError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     if not seeds or len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds must name distinct seeds, got {args.seeds!r}")
-    result = run_ablation(out, seeds, steps=args.steps, progress=args.progress)
+    result = run_ablation(out, seeds, steps=args.steps, progress=args.progress, shift=args.shift)
     print(format_ablation(result))
     print(f"→ {out}/ablation.json")
     return 0

@@ -30,10 +30,12 @@ def tiny_demo(monkeypatch):
 @pytest.mark.slow
 def test_ablation_runs_each_variant_on_the_seed(tiny_demo, tmp_path, capsys):
     """One seed end to end (the spread over several is format_ablation's, below)."""
-    assert main(["demo", "--ablation", "--seeds", "3", "--steps", "2", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--ablation", "--seeds", "3", "--steps", "2", "--shift", "hard", "--no-progress",
+                 "--out", str(tmp_path)]) == 0
     table = capsys.readouterr().out
     saved = json.load(open(tmp_path / "ablation.json"))
     assert saved["seeds"] == [3] and set(saved["runs"]) == {"MAD", "no-EMA", "no-adversarial"}
+    assert saved["shift"] == "hard" and "shift hard (s_steps 1, lr_g 0.003)" in table
     for name, row in saved["summary"].items():
         acc = saved["runs"][name]["3"]["student_acc"]
         assert row["mean"] == acc and row["std"] == 0 and row["n"] == 1
@@ -45,6 +47,8 @@ def test_ablation_runs_each_variant_on_the_seed(tiny_demo, tmp_path, capsys):
         assert cfgs["MAD"]["ema"] and not cfgs["no-EMA"]["ema"] and cfgs["no-adversarial"]["ema"]
         assert cfgs["no-adversarial"]["adv_bound"] < 1e-9 and cfgs["MAD"]["adv_bound"] == cfgs["no-EMA"]["adv_bound"] == 3.0
         assert {c["seed"] for c in cfgs.values()} == {seed}
+        # the hard shift on every variant, on top of the tiny demo's settings
+        assert {(c["s_steps"], c["lr_g"]) for c in cfgs.values()} == {(1, 3e-3)}
         assert {c["teacher_ckpt"] for c in cfgs.values()} == {str(base / "teacher" / "teacher.pt")}
 
 
@@ -55,6 +59,16 @@ def test_format_ablation_reports_mean_std_and_range():
               "summary": {k: demo._spread([r["student_acc"] for r in v.values()]) for k, v in runs.items()}}
     text = demo.format_ablation(result)
     assert "92.00 ± 2.83" in text and "90.0–94.0" in text and "80.00 ± 0.00" in text and "7 adversarial" in text
+
+
+def test_shift_needs_ablation(capsys, tmp_path):
+    assert main(["demo", "--shift", "hard", "--out", str(tmp_path)]) == 2
+    assert "--shift" in capsys.readouterr().err
+
+
+def test_run_ablation_rejects_unknown_shift(tmp_path):
+    with pytest.raises(ValueError, match="shift"):
+        demo.run_ablation(str(tmp_path), [0], shift="harder")
 
 
 @pytest.mark.parametrize("seeds", ["", "0,x", "1,1"])

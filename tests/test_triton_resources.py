@@ -68,10 +68,30 @@ def _forward_and_grad_weight(dtype) -> list[int]:
     return [fwd, gw]
 
 
+def _moments(dtype) -> list[int]:
+    """The BN-moments kernels (split reduction included): reductions, not GEMMs, but compiling them
+    for sm_90 here catches what the interpreter accepts and the compiler does not."""
+    from madfast.ops.bn_stats import triton_kernel as B
+
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    p, a = PTR[dtype], PTR[torch.float64 if dtype == torch.float64 else torch.float32]
+    wide = {"s_n": "i64", "s_c": "i64"}
+    return [_shared(B._moments_nchw_kernel, dict(wide, x_ptr=p, mean_ptr=a, var_ptr=a),
+                    dict(ACC=acc, BLOCK=B.BLOCK), 90),
+            _shared(B._partials_nchw_kernel, dict(wide, x_ptr=p, part_ptr=a), dict(ACC=acc, BLOCK=B.BLOCK), 90),
+            _shared(B._partials_cl_kernel, dict(x_ptr=p, part_ptr=a),
+                    dict(ACC=acc, BLOCK_P=B.BLOCK_P, BLOCK_C=B.BLOCK_C), 90),
+            _shared(B._merge_partials_kernel, dict(part_ptr=a, mean_ptr=a, var_ptr=a), dict(ACC=acc, BLOCK_C=B.BLOCK_C),
+                    90)]
+
+
 def _measure() -> dict[str, int]:
     """Shared memory (bytes) of every case, keyed "kernel/dtype/arch"; "before" is the grad-input
     kernel's tiles before the fix (3 stages, BLOCK_K=32), which must measure over the H100's limit."""
     out = {"before": _grad_input(torch.float32, 90, {"block_ci": 32, "block_k": 32, "num_stages": 3})}
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for name, smem in zip(("moments", "moment_partials", "moment_partials_cl", "moment_merge"), _moments(dtype)):
+            out[f"{name}/{dtype}/90"] = smem
     for dtype in DTYPES:
         for arch, limit in LIMITS.items():
             out[f"grad_input/{dtype}/{arch}"] = _grad_input(dtype, arch, K.grad_input_config(dtype, limit))
@@ -96,9 +116,16 @@ def test_check_can_fail(shared):
 
 CASES = ([f"grad_input/{d}/{a}" for d in DTYPES for a in LIMITS]
          + [f"{k}/{d}/90" for k in ("forward", "grad_weight") for d in DTYPES])
+MOMENT_CASES = [f"{k}/{d}/90" for k in ("moments", "moment_partials", "moment_partials_cl", "moment_merge")
+                for d in (torch.float32, torch.bfloat16, torch.float64)]
 
 
 @pytest.mark.parametrize("key", CASES)
 def test_kernel_fits_shared_memory(shared, key):
     limit = LIMITS[int(key.rsplit("/", 1)[1])]
     assert 0 < shared[key] <= limit, f"{key}: {shared[key]} B of shared memory > {limit}"
+
+
+@pytest.mark.parametrize("key", MOMENT_CASES)
+def test_moment_kernels_compile_for_sm90(shared, key):
+    assert 0 <= shared[key] <= LIMITS[90], f"{key}: {shared[key]} B of shared memory"

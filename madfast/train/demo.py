@@ -16,7 +16,7 @@ from dataclasses import replace
 from madfast.train.config import DistillConfig, TeacherConfig
 from madfast.train.loop import distill, train_teacher
 
-__all__ = ["run_demo", "demo_configs", "run_ablation", "ABLATIONS", "format_ablation"]
+__all__ = ["run_demo", "demo_configs", "run_ablation", "ABLATIONS", "SHIFTS", "format_ablation"]
 
 
 def demo_configs(out: str, seed: int = 0) -> tuple[TeacherConfig, DistillConfig]:
@@ -53,12 +53,21 @@ def run_demo(out: str, seed: int = 0, progress: bool = True, teacher_overrides: 
 # keeps training on the CE and BN terms alone).
 ABLATIONS = {"MAD": {}, "no-EMA": {"ema": False}, "no-adversarial": {"adv_bound": 1e-12}}
 
+# How far G's distribution moves between student updates. "demo": the demo's own settings (3 student
+# steps per G step, lr_G 1e-3). "hard": one student step per G step and a 3× faster G — the student
+# trails a moving generator, the regime MAD's EMA generator is meant for.
+SHIFTS = {"demo": {}, "hard": {"s_steps": 1, "lr_g": 3e-3}}
 
-def run_ablation(out: str, seeds: list[int], steps: int | None = None, progress: bool = True) -> dict:
-    """Per seed one teacher, then each of ABLATIONS distilled from it on that seed; writes
-    OUT/ablation.json ({variant: {seed: metrics}} and the summary) and returns it."""
+
+def run_ablation(out: str, seeds: list[int], steps: int | None = None, progress: bool = True,
+                 shift: str = "demo") -> dict:
+    """Per seed one teacher, then each of ABLATIONS distilled from it on that seed under ``shift``
+    (a key of SHIFTS); writes OUT/ablation.json ({variant: {seed: metrics}} and the summary) and
+    returns it."""
     if not seeds:
         raise ValueError("run_ablation: seeds must name at least one seed")
+    if shift not in SHIFTS:
+        raise ValueError(f"run_ablation: shift must be one of {sorted(SHIFTS)}, got {shift!r}")
     runs: dict[str, dict[int, dict]] = {name: {} for name in ABLATIONS}
     for seed in seeds:
         base = os.path.join(out, f"seed-{seed}")
@@ -66,12 +75,13 @@ def run_ablation(out: str, seeds: list[int], steps: int | None = None, progress:
         teacher = train_teacher(replace(teacher_cfg, progress=progress))
         for name, overrides in ABLATIONS.items():
             cfg = replace(distill_cfg, progress=progress, out=os.path.join(base, name),
-                          **({"steps": steps} if steps else {}), **overrides)
+                          **({"steps": steps} if steps else {}), **SHIFTS[shift], **overrides)
             run = distill(cfg)
             runs[name][seed] = {"student_acc": run["student_acc"], "teacher_acc": teacher["test_acc"],
                                 "ratio": run["student_acc"] / teacher["test_acc"], "seconds": run["seconds"]}
     summary = {name: _spread([r["student_acc"] for r in by_seed.values()]) for name, by_seed in runs.items()}
-    result = {"seeds": list(seeds), "steps": steps or distill_cfg.steps, "runs": runs, "summary": summary}
+    result = {"seeds": list(seeds), "steps": steps or distill_cfg.steps, "shift": shift,
+              "shift_settings": SHIFTS[shift], "runs": runs, "summary": summary}
     with open(os.path.join(out, "ablation.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result
@@ -85,7 +95,10 @@ def _spread(values: list[float]) -> dict:
 def format_ablation(result: dict) -> str:
     """The table `madfast demo --ablation` prints: student test accuracy per variant over the seeds."""
     seeds = result["seeds"]
-    lines = [f"student test accuracy (%) over seeds {', '.join(map(str, seeds))}, {result['steps']} adversarial steps",
+    shift = result.get("shift", "demo")
+    settings = ", ".join(f"{k} {v}" for k, v in result.get("shift_settings", {}).items())
+    lines = [f"student test accuracy (%) over seeds {', '.join(map(str, seeds))}, {result['steps']} adversarial steps, "
+             f"shift {shift}{f' ({settings})' if settings else ''}",
              f"{'variant':<16}{'mean ± std':>16}{'min–max':>16}  per seed"]
     for name, s in result["summary"].items():
         per_seed = " ".join(f"{result['runs'][name][seed]['student_acc']:.1f}" for seed in seeds)
