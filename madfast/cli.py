@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "seeds and print student accuracy mean ± std per variant (OUT/ablation.json)")
     p.add_argument("--seeds", default="0,1,2", metavar="S,S,...", help="seeds of --ablation (default: 0,1,2)")
     p.add_argument("--shift", default="demo", choices=["demo", "hard"], help="--ablation's distribution shift: demo "
-                   "(the demo's settings) or hard (1 student step per G step, lr_G 3e-3) (default: demo)")
+                   "(the demo's settings) or hard (1 student step per G step, lr_G 1e-2) (default: demo)")
 
     _config_parser(sub, "train-teacher", TeacherConfig, "supervised training of a teacher on a local data set")
     p = _config_parser(sub, "distill", DistillConfig, "data-free distillation of a teacher into a student with MAD",
