@@ -143,11 +143,11 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(Table table, acc_t* 
   }
 }
 
-// One block per layer: moments, and the two squared distances to the running statistics.
+// One block per layer: moments, and (with norms) the two squared distances to the running statistics.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) finalize_kernel(Table table, const acc_t* __restrict__ part,
-                                                            int64_t part_stride, acc_t* __restrict__ moments,
-                                                            int64_t total_c, acc_t* __restrict__ norms,
+                                                            int64_t part_stride, acc_t* __restrict__ mean_out,
+                                                            acc_t* __restrict__ var_out, acc_t* __restrict__ norms,
                                                             int64_t layers) {
   const Layer& L = table.layer[blockIdx.x];
   const acc_t* rm = static_cast<const acc_t*>(L.running_mean);
@@ -160,11 +160,14 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(Table table, const a
       m = merge(m, Stats<acc_t>{part[at], part[part_stride + at], part[2 * part_stride + at]});
     }
     const acc_t mean = m.n > acc_t(0) ? m.mean : acc_t(NAN), var = m.n > acc_t(0) ? m.m2 / m.n : acc_t(NAN);
-    moments[L.col + c] = mean;
-    moments[total_c + L.col + c] = var;
-    sm += (mean - rm[c]) * (mean - rm[c]);
-    sv += (var - rv[c]) * (var - rv[c]);
+    mean_out[L.col + c] = mean;
+    var_out[L.col + c] = var;
+    if (norms != nullptr) {
+      sm += (mean - rm[c]) * (mean - rm[c]);
+      sv += (var - rv[c]) * (var - rv[c]);
+    }
   }
+  if (norms == nullptr) return;  // the same for every thread of the grid
   block_sum2<kThreads>(sm, sv);
   if (threadIdx.x == 0) {
     norms[L.index] = std::sqrt(sm);
@@ -296,13 +299,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_gpu(at::TensorList xs, at
       Table t{};
       for (size_t j = i; j < std::min(all.size(), i + kMaxLayers); ++j) t.layer[t.count++] = p.table[j];
       launch(&finalize_kernel<acc_t>, dim3(static_cast<unsigned>(t.count)), dim3(kThreads), t,
-             static_cast<const acc_t*>(part_ptr), part.size(1), moments.data_ptr<acc_t>(), layers.total_c,
-             norms.data_ptr<acc_t>(), layers.size());
+             static_cast<const acc_t*>(part_ptr), part.size(1), moments.data_ptr<acc_t>(),
+             moments.data_ptr<acc_t>() + layers.total_c, norms.data_ptr<acc_t>(), layers.size());
     }
     launch(&loss_kernel<acc_t>, dim3(1), dim3(32), static_cast<const acc_t*>(norms.data_ptr<acc_t>()), layers.size(),
            loss.data_ptr<acc_t>());
   });
   return {loss, moments, norms};
+}
+
+// madfast::channel_moments on CUDA: the same split reduction for one tensor, no running statistics.
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor> moments_gpu(const ChannelView& v, const Launch& launch) {
+  const auto acc = acc_type(v.x.scalar_type());
+  at::Tensor mean = at::empty({v.C}, v.x.options().dtype(acc)), var = at::empty({v.C}, v.x.options().dtype(acc));
+  if (v.C == 0) return {mean, var};
+  Table t{};
+  Layer& L = t.layer[t.count++];
+  plan_layer(L, v);
+  L.x = v.x.const_data_ptr();
+  at::Tensor part = at::empty({3, L.C * L.splits}, v.x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "channel_moments_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    launch(&partials_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(blocks_of(L))), dim3(kThreads), t,
+           part.data_ptr<acc_t>(), part.size(1));
+    launch(&finalize_kernel<acc_t>, dim3(1), dim3(kThreads), t, static_cast<const acc_t*>(part.data_ptr<acc_t>()),
+           part.size(1), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), static_cast<acc_t*>(nullptr), int64_t(1));
+  });
+  return {mean, var};
 }
 
 template <typename Launch>

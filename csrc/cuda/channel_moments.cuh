@@ -1,8 +1,8 @@
 // The CUDA kernels of madfast::channel_moments and its backward, and their host side (`launch` is
 // supplied by the includer: csrc/cuda/channel_moments.cu, or the CPU emulator in tests/cuda_emulator).
-// Moments: one block per channel, shifted sums (x - pivot) in double (a thread adds M/256 terms:
-// thousands for a 224-px BN input), reduced through shared memory. Backward: one elementwise pass
-// in x's memory order, grad_x = a_c + b_c x.
+// Moments: bn_stat_losses' split reduction (csrc/cuda/bn_stat_losses.cuh) for one tensor — fp32
+// partials (fp64 only for fp64), Chan merges in a fixed order. Backward: one elementwise pass in x's
+// memory order, grad_x = a_c + b_c x.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -12,35 +12,12 @@
 #include <tuple>
 
 #include "../channel_moments.h"
-#include "block_reduce.cuh"
+#include "bn_stat_losses.cuh"
 
 namespace madfast {
 namespace moments {
 
 constexpr int kThreads = 256;
-
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
-    moments_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t HW, int64_t sN, int64_t sC, int64_t sHW,
-                   at::opmath_type<scalar_t>* __restrict__ mean, at::opmath_type<scalar_t>* __restrict__ var) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t c = blockIdx.x, M = N * HW;
-  const scalar_t* base = x + c * sC;
-  const acc_t pivot = M ? acc_t(base[0]) : acc_t(0);
-  double s1 = 0, s2 = 0;
-  for (int64_t i = threadIdx.x; i < M; i += kThreads) {
-    const int64_t n = i / HW, hw = i - n * HW;
-    const double d = double(acc_t(base[n * sN + hw * sHW]) - pivot);
-    s1 += d;
-    s2 += d * d;
-  }
-  block_sum2<kThreads>(s1, s2);
-  if (threadIdx.x == 0) {
-    const double m1 = s1 / double(M);
-    mean[c] = acc_t(double(pivot) + m1);
-    var[c] = acc_t(s2 / double(M) - m1 * m1);
-  }
-}
 
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 __global__ void __launch_bounds__(kThreads)
@@ -56,16 +33,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor> forward_gpu(const at::Tensor& input, const Launch& launch) {
-  const ChannelView v(input, "channel_moments", "x");
-  const auto acc = acc_type(v.x.scalar_type());
-  at::Tensor mean = at::empty({v.C}, v.x.options().dtype(acc)), var = at::empty({v.C}, v.x.options().dtype(acc));
-  if (v.C == 0) return {mean, var};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "channel_moments_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    launch(&moments_kernel<scalar_t>, dim3(static_cast<unsigned>(v.C)), dim3(kThreads), v.x.const_data_ptr<scalar_t>(),
-           v.N, v.HW, v.sN, v.sC, v.sHW, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
-  });
-  return {mean, var};
+  return bn_losses::moments_gpu(ChannelView(input, "channel_moments", "x"), launch);
 }
 
 template <typename Launch>
