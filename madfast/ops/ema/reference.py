@@ -60,6 +60,8 @@ def torch_ema_update_(ema_tensors: list[torch.Tensor], tensors: list[torch.Tenso
     """ema ← lerp(ema, tensor, 1 − decay) in fp32 (fp64 for an fp64 EMA), 1 − decay formed in double;
     decay 0 copies exactly; non-floating pairs copied; with ``sr_seed``, fp16/bf16 EMAs are rounded
     stochastically."""
+    if sr_seed is None and not isinstance(decay, torch.Tensor):
+        ema_tensors, tensors = _foreach_update_(ema_tensors, tensors, decay)
     for i, (e, p) in enumerate(zip(ema_tensors, tensors)):
         if not e.is_floating_point():
             e.copy_(p)
@@ -77,3 +79,27 @@ def torch_ema_update_(ema_tensors: list[torch.Tensor], tensors: list[torch.Tenso
             u = u.as_strided(e.shape, e.stride()) if is_non_overlapping_and_dense(e) else u.view(e.shape)
             v = torch.where(w == 1, v.to(e.dtype), stochastic_round(v, e.dtype, u))
         e.copy_(v)
+
+
+def _foreach_update_(ema_tensors: list[torch.Tensor], tensors: list[torch.Tensor], decay: float):
+    """The common case in one ``torch._foreach_lerp_`` (or ``_foreach_copy_`` at decay 0) per
+    (dtype, device) group of same-dtype floating pairs: the same arithmetic as the loop below (lerp in
+    the accumulation dtype with 1 − decay formed in double, then rounded to it) without its
+    temporaries. Returns the pairs left to the loop (mixed dtypes, non-floating)."""
+    groups: dict[tuple, tuple[list, list]] = {}
+    rest_e, rest_p = [], []
+    for e, p in zip(ema_tensors, tensors):
+        if e.is_floating_point() and p.dtype == e.dtype and p.device == e.device:
+            es, ps = groups.setdefault((e.dtype, e.device), ([], []))
+            es.append(e)
+            ps.append(p)
+        else:
+            rest_e.append(e)
+            rest_p.append(p)
+    for (dtype, _), (es, ps) in groups.items():
+        w = torch.tensor(1.0 - decay, dtype=torch.float64).to(acc_dtype(dtype)).item()
+        if w == 1:
+            torch._foreach_copy_(es, ps)
+        else:
+            torch._foreach_lerp_(es, ps, w)
+    return rest_e, rest_p
