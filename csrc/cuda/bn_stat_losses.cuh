@@ -84,6 +84,7 @@ __device__ __forceinline__ int find_layer(const Table& t) {
 // This thread's channel and row range in a block of the layer (forward and backward share it).
 struct Slice {
   int64_t c, row, end, step;  // rows row, row + step, ... < end
+  int64_t split;              // the block's row range
   bool active;
 };
 
@@ -94,7 +95,24 @@ __device__ __forceinline__ Slice slice_of(const Layer& L) {
   const int64_t M = L.N * L.HW, per = (M + L.splits - 1) / L.splits;
   const int64_t lo = split * per, hi = std::min(M, lo + per);
   const int64_t c = group * L.lanes + lane;
-  return {c, lo + threadIdx.x / L.lanes, hi, rows_per_block, c < L.C};
+  return {c, lo + threadIdx.x / L.lanes, hi, rows_per_block, split, c < L.C};
+}
+
+// The (n, hw) of a slice's rows, advanced by its step without a division per element.
+struct RowWalk {
+  int64_t n, hw, dn, dhw, HW;
+
+  __device__ __forceinline__ int64_t offset(const Layer& L) const { return n * L.sN + hw * L.sHW; }
+  __device__ __forceinline__ void next() {
+    n += dn;
+    hw += dhw;
+    if (hw >= HW) hw -= HW, ++n;
+  }
+};
+
+__device__ __forceinline__ RowWalk walk(const Slice& s, const Layer& L) {
+  const int64_t n = s.row / L.HW, dn = s.step / L.HW;
+  return {n, s.row - n * L.HW, dn, s.step - dn * L.HW, L.HW};
 }
 
 template <typename scalar_t, typename acc_t>
@@ -105,19 +123,14 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(Table table, acc_t* 
   const scalar_t* x = static_cast<const scalar_t*>(L.x) + s.c * L.sC;
   Stats<acc_t> mine{0, 0, 0};
   if (s.active && s.row < s.end) {
-    // (n, hw) of the row, advanced by step without a division per element
-    int64_t n = s.row / L.HW, hw = s.row - n * L.HW;
-    const int64_t dn = s.step / L.HW, dhw = s.step - dn * L.HW;
-    const acc_t pivot = acc_t(x[n * L.sN + hw * L.sHW]);
+    RowWalk w = walk(s, L);
+    const acc_t pivot = acc_t(x[w.offset(L)]);
     acc_t s1 = 0, s2 = 0, count = 0;
-    for (int64_t r = s.row; r < s.end; r += s.step) {
-      const acc_t d = acc_t(x[n * L.sN + hw * L.sHW]) - pivot;
+    for (int64_t r = s.row; r < s.end; r += s.step, w.next()) {
+      const acc_t d = acc_t(x[w.offset(L)]) - pivot;
       s1 += d;
       s2 += d * d;
       count += acc_t(1);
-      n += dn;
-      hw += dhw;
-      if (hw >= L.HW) hw -= L.HW, ++n;
     }
     const acc_t m = s1 / count;
     mine = {count, pivot + m, std::max(acc_t(0), s2 - s1 * m)};
@@ -135,8 +148,7 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(Table table, acc_t* 
     __syncthreads();
   }
   if (t < L.lanes && s.active) {
-    const int64_t local = int64_t(blockIdx.x) - L.first_block, split = local % L.splits;
-    const int64_t at = L.part + s.c * L.splits + split;
+    const int64_t at = L.part + s.c * L.splits + s.split;
     part[at] = sn[t];
     part[part_stride + at] = smean[t];
     part[2 * part_stride + at] = sm2[t];
@@ -199,14 +211,10 @@ __global__ void __launch_bounds__(kThreads)
   const x_acc_t a = x_acc_t(gm * inv_m), b = x_acc_t(acc_t(2) * gv * inv_m), mu = x_acc_t(mean);
   const scalar_t* x = static_cast<const scalar_t*>(L.x) + s.c * L.sC;
   scalar_t* out = static_cast<scalar_t*>(L.grad_x) + s.c * L.sC;
-  int64_t n = s.row / L.HW, hw = s.row - n * L.HW;
-  const int64_t dn = s.step / L.HW, dhw = s.step - dn * L.HW;
-  for (int64_t r = s.row; r < s.end; r += s.step) {
-    const int64_t at = n * L.sN + hw * L.sHW;
+  RowWalk w = walk(s, L);
+  for (int64_t r = s.row; r < s.end; r += s.step, w.next()) {
+    const int64_t at = w.offset(L);
     out[at] = static_cast<scalar_t>(a + b * (x_acc_t(x[at]) - mu));
-    n += dn;
-    hw += dhw;
-    if (hw >= L.HW) hw -= L.HW, ++n;
   }
 }
 
@@ -293,11 +301,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_gpu(at::TensorList xs, at
         });
       });
     }
-    std::vector<int64_t> all(layers.size());
-    for (int64_t l = 0; l < layers.size(); ++l) all[l] = l;
-    for (size_t i = 0; i < all.size(); i += kMaxLayers) {
+    for (size_t i = 0; i < p.table.size(); i += kMaxLayers) {  // every layer, C = 0 ones too (their norms)
       Table t{};
-      for (size_t j = i; j < std::min(all.size(), i + kMaxLayers); ++j) t.layer[t.count++] = p.table[j];
+      for (size_t j = i; j < std::min(p.table.size(), i + kMaxLayers); ++j) t.layer[t.count++] = p.table[j];
       launch(&finalize_kernel<acc_t>, dim3(static_cast<unsigned>(t.count)), dim3(kThreads), t,
              static_cast<const acc_t*>(part_ptr), part.size(1), moments.data_ptr<acc_t>(),
              moments.data_ptr<acc_t>() + layers.total_c, norms.data_ptr<acc_t>(), layers.size());

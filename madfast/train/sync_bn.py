@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from madfast.nn import BNStatHook
+from madfast.ops._dtypes import acc_dtype
 
 __all__ = ["GlobalBNStatHook", "sync_generator_bn"]
 
@@ -42,8 +43,7 @@ class GlobalBNStatHook(BNStatHook):
     def _record(self, bn: nn.BatchNorm2d, args) -> None:
         if not self.enabled:
             return
-        x = args[0]
-        x = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 sums for bf16/fp16, fp64 stays fp64
+        x = args[0].to(acc_dtype(args[0].dtype))  # fp32 sums for bf16/fp16, fp64 stays fp64
         # Sums of x − running_mean (the same on every rank): one all-reduce, and no cancellation in
         # E[d²] − E[d]² while the batch mean is near the running mean, where the prior drives it.
         shift = bn.running_mean.to(x.dtype).view(1, -1, 1, 1)

@@ -56,6 +56,16 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @triton.jit
+def _chunk_moments(x, mask, k):
+    """(count, mean, M2) along axis 0 of a chunk's ``k`` masked values: its mean, then the deviations
+    from it (Σd² − (Σd)²/k corrects the mean's rounding)."""
+    m = tl.sum(x, 0) / k
+    d = tl.where(mask, x - m, 0.0)
+    s1 = tl.sum(d, 0)
+    return k, m + s1 / k, tl.maximum(tl.sum(d * d, 0) - s1 * s1 / k, 0.0)
+
+
+@triton.jit
 def _moments_nchw_kernel(
     x_ptr,  # (N, C, HW) contiguous H×W runs, strides s_n, s_c
     mean_ptr, var_ptr,  # (C,) fp32/fp64
@@ -72,11 +82,8 @@ def _moments_nchw_kernel(
             i = start + tl.arange(0, BLOCK)
             mask = i < HW
             x = tl.load(base + i, mask=mask, other=0.0).to(ACC)
-            k = tl.minimum(HW - start, BLOCK).to(ACC)
-            m = tl.sum(x, 0) / k
-            d = tl.where(mask, x - m, 0.0)
-            s1 = tl.sum(d, 0)
-            cnt, mean, m2 = _chan_merge(cnt, mean, m2, k, m + s1 / k, tl.maximum(tl.sum(d * d, 0) - s1 * s1 / k, 0.0))
+            n_c, mean_c, m2_c = _chunk_moments(x, mask, tl.minimum(HW - start, BLOCK).to(ACC))
+            cnt, mean, m2 = _chan_merge(cnt, mean, m2, n_c, mean_c, m2_c)
         base += s_n  # pointer arithmetic: 64-bit whatever N·s_n
     tl.store(mean_ptr + c, mean)
     tl.store(var_ptr + c, m2 / cnt)
@@ -98,11 +105,8 @@ def _moments_cl_kernel(
         p = start + tl.arange(0, BLOCK_P).to(tl.int64)
         mask = (p[:, None] < M) & c_ok[None, :]
         x = tl.load(x_ptr + p[:, None] * C + c[None, :], mask=mask, other=0.0).to(ACC)
-        k = tl.minimum(M - start, BLOCK_P).to(ACC)
-        m = tl.sum(x, 0) / k
-        d = tl.where(mask, x - m[None, :], 0.0)
-        s1 = tl.sum(d, 0)
-        cnt, mean, m2 = _chan_merge(cnt, mean, m2, k, m + s1 / k, tl.maximum(tl.sum(d * d, 0) - s1 * s1 / k, 0.0))
+        n_c, mean_c, m2_c = _chunk_moments(x, mask, tl.minimum(M - start, BLOCK_P).to(ACC))
+        cnt, mean, m2 = _chan_merge(cnt, mean, m2, n_c, mean_c, m2_c)
     tl.store(mean_ptr + c, mean, mask=c_ok)
     tl.store(var_ptr + c, m2 / cnt, mask=c_ok)
 
@@ -126,11 +130,8 @@ def _partials_nchw_kernel(
         i = start + tl.arange(0, BLOCK)
         mask = i < HW
         x = tl.load(x_ptr + n * s_n + c * s_c + i, mask=mask, other=0.0).to(ACC)
-        kk = tl.minimum(HW - start, BLOCK).to(ACC)
-        m = tl.sum(x, 0) / kk
-        d = tl.where(mask, x - m, 0.0)
-        s1 = tl.sum(d, 0)
-        cnt, mean, m2 = _chan_merge(cnt, mean, m2, kk, m + s1 / kk, tl.maximum(tl.sum(d * d, 0) - s1 * s1 / kk, 0.0))
+        n_c, mean_c, m2_c = _chunk_moments(x, mask, tl.minimum(HW - start, BLOCK).to(ACC))
+        cnt, mean, m2 = _chan_merge(cnt, mean, m2, n_c, mean_c, m2_c)
     total = tl.num_programs(0).to(tl.int64) * S
     at = c * S + split
     tl.store(part_ptr + at, cnt)
@@ -156,11 +157,8 @@ def _partials_cl_kernel(
         p = start + tl.arange(0, BLOCK_P).to(tl.int64)
         mask = (p[:, None] < p1) & c_ok[None, :]
         x = tl.load(x_ptr + p[:, None] * C + c[None, :], mask=mask, other=0.0).to(ACC)
-        k = tl.minimum(p1 - start, BLOCK_P).to(ACC)
-        m = tl.sum(x, 0) / k
-        d = tl.where(mask, x - m[None, :], 0.0)
-        s1 = tl.sum(d, 0)
-        cnt, mean, m2 = _chan_merge(cnt, mean, m2, k, m + s1 / k, tl.maximum(tl.sum(d * d, 0) - s1 * s1 / k, 0.0))
+        n_c, mean_c, m2_c = _chunk_moments(x, mask, tl.minimum(p1 - start, BLOCK_P).to(ACC))
+        cnt, mean, m2 = _chan_merge(cnt, mean, m2, n_c, mean_c, m2_c)
     total = C * S
     at = c * S + split
     tl.store(part_ptr + at, cnt, mask=c_ok)
