@@ -44,28 +44,35 @@ def _common(dtype):
 
 
 def _grad_input(dtype, arch, cfg) -> int:
-    acc, dot, _ = _common(dtype)
+    acc, dot, lowp = _common(dtype)
     p = PTR[dtype]
     types = {"gy_ptr": p, "y_ptr": p, "w_ptr": p, "gx_ptr": p, "gsum_ptr": "*fp32", "gsumsq_ptr": "*fp32",
              "mean_ptr": "*fp32", "scale_h": "fp32", "scale_w": "fp32"}
-    consts = dict(FOLD_SUM=True, FOLD_SUMSQ=True, CENTRED=True, FP32_DOT=dot, ACC=acc, TILE_H=K.TILE_H,
+    consts = dict(FOLD_SUM=True, FOLD_SUMSQ=True, CENTRED=True, LOWP=lowp, FP32_DOT=dot, ACC=acc, TILE_H=K.TILE_H,
                   TILE_W=K.TILE_W, REGION=K.REGION, REGION_W=2 * K.TILE_W + 4, BLOCK_CI=cfg["block_ci"],
                   BLOCK_K=cfg["block_k"])
-    return _shared(K._upsample_conv_grad_input_kernel, types, consts, arch, num_stages=cfg["num_stages"])
+    return _shared(K._upsample_conv_grad_input_kernel, types, consts, arch, num_stages=cfg["num_stages"],
+                   num_warps=cfg.get("num_warps", 4))
 
 
-def _forward_and_grad_weight(dtype) -> list[int]:
+def _forward(dtype, arch, cfg, block_m) -> int:
     acc, dot, lowp = _common(dtype)
     p = PTR[dtype]
-    fl = {"scale_h": "fp32", "scale_w": "fp32"}
-    fwd = _shared(K._upsample_conv_fwd_kernel, dict(fl, x_ptr=p, w_ptr=p, y_ptr=p, mean_ptr="*fp64", m2_ptr="*fp64"),
-                  dict(STATS=True, LOWP=lowp, FP32_DOT=dot, ACC=acc, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32), 90)
-    gw_types = dict(fl, x_ptr=p, gy_ptr=p, y_ptr=p, gsum_ptr="*fp32", gsumsq_ptr="*fp32", mean_ptr="*fp32",
-                    gw_ptr="*fp64" if dtype == torch.float64 else "*fp32")
-    gw = _shared(K._upsample_conv_grad_weight_kernel, gw_types,
-                 dict(FOLD_SUM=True, FOLD_SUMSQ=True, CENTRED=True, LOWP=lowp, FP32_DOT=dot, ACC=acc,
-                      BLOCK_M=32, BLOCK_N=32, BLOCK_K=32), 90)
-    return [fwd, gw]
+    types = dict(x_ptr=p, w_ptr=p, y_ptr=p, mean_ptr="*fp64", m2_ptr="*fp64", scale_h="fp32", scale_w="fp32")
+    consts = dict(STATS=True, LOWP=lowp, FP32_DOT=dot, ACC=acc, BLOCK_M=block_m, **cfg.kwargs)
+    return _shared(K._upsample_conv_fwd_kernel, types, consts, arch, num_warps=cfg.num_warps,
+                   num_stages=cfg.num_stages)
+
+
+def _grad_weight(dtype, arch, cfg) -> int:
+    acc, dot, lowp = _common(dtype)
+    p = PTR[dtype]
+    types = dict(x_ptr=p, gy_ptr=p, y_ptr=p, gsum_ptr="*fp32", gsumsq_ptr="*fp32", mean_ptr="*fp32",
+                 gw_ptr="*fp64" if dtype == torch.float64 else "*fp32", scale_h="fp32", scale_w="fp32")
+    consts = dict(FOLD_SUM=True, FOLD_SUMSQ=True, CENTRED=True, LOWP=lowp, FP32_DOT=dot, ACC=acc,
+                  BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"])
+    return _shared(K._upsample_conv_grad_weight_kernel, types, consts, arch, num_warps=cfg["num_warps"],
+                   num_stages=cfg["num_stages"])
 
 
 def _moments(dtype) -> list[int]:
@@ -86,16 +93,26 @@ def _moments(dtype) -> list[int]:
 
 
 def _measure() -> dict[str, int]:
-    """Shared memory (bytes) of every case, keyed "kernel/dtype/arch"; "before" is the grad-input
-    kernel's tiles before the fix (3 stages, BLOCK_K=32), which must measure over the H100's limit."""
+    """Shared memory (bytes) of every case, keyed "kernel/dtype/arch[/which]"; "before" is the
+    grad-input kernel's tiles before the fix (3 stages, BLOCK_K=32), which must measure over the
+    H100's limit. Every tile the host picks is compiled for both chips; every config the forward's
+    autotuner may try on sm_90 (where it skips one that does not fit, its first must fit)."""
     out = {"before": _grad_input(torch.float32, 90, {"block_ci": 32, "block_k": 32, "num_stages": 3})}
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         for name, smem in zip(("moments", "moment_partials", "moment_partials_cl", "moment_merge"), _moments(dtype)):
             out[f"{name}/{dtype}/90"] = smem
     for dtype in DTYPES:
         for arch, limit in LIMITS.items():
-            out[f"grad_input/{dtype}/{arch}"] = _grad_input(dtype, arch, K.grad_input_config(dtype, limit))
-        out[f"forward/{dtype}/90"], out[f"grad_weight/{dtype}/90"] = _forward_and_grad_weight(dtype)
+            for c in CHANNELS:
+                out[f"grad_input/{dtype}/{arch}/{c}"] = _grad_input(dtype, arch, K.grad_input_config(dtype, limit, c))
+                out[f"grad_weight/{dtype}/{arch}/{c}"] = _grad_weight(dtype, arch,
+                                                                      K.grad_weight_config(dtype, limit, c, c))
+            configs = K.forward_configs(dtype)
+            block_m = K.forward_block_m(1 << 30, 128, dtype)  # the larger tile
+            out[f"forward/{dtype}/{arch}/first"] = _forward(dtype, arch, configs[0], block_m)
+        if dtype in (torch.float32, torch.bfloat16):
+            out[f"forward/{dtype}/90/tuned"] = max(_forward(dtype, 90, c, K.forward_block_m(1 << 30, 128, dtype))
+                                                   for c in configs[1:])
     return out
 
 
@@ -114,18 +131,24 @@ def test_check_can_fail(shared):
     assert shared["before"] > LIMITS[90]
 
 
-CASES = ([f"grad_input/{d}/{a}" for d in DTYPES for a in LIMITS]
-         + [f"{k}/{d}/90" for k in ("forward", "grad_weight") for d in DTYPES])
+CHANNELS = (16, 64, 128)  # input = output channels of the layer the backward tiles are picked for
+CASES = ([f"{k}/{d}/{a}/{c}" for k in ("grad_input", "grad_weight") for d in DTYPES for a in LIMITS for c in CHANNELS]
+         + [f"forward/{d}/{a}/first" for d in DTYPES for a in LIMITS])
 MOMENT_CASES = [f"{k}/{d}/90" for k in ("moments", "moment_partials", "moment_partials_cl", "moment_merge")
                 for d in (torch.float32, torch.bfloat16, torch.float64)]
 
 
 @pytest.mark.parametrize("key", CASES)
 def test_kernel_fits_shared_memory(shared, key):
-    limit = LIMITS[int(key.rsplit("/", 1)[1])]
+    limit = LIMITS[int(key.split("/")[2])]
     assert 0 < shared[key] <= limit, f"{key}: {shared[key]} B of shared memory > {limit}"
 
 
 @pytest.mark.parametrize("key", MOMENT_CASES)
 def test_moment_kernels_compile_for_sm90(shared, key):
     assert 0 <= shared[key] <= LIMITS[90], f"{key}: {shared[key]} B of shared memory"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_autotune_configs_fit_the_h100(shared, dtype):
+    assert 0 < shared[f"forward/{dtype}/90/tuned"] <= LIMITS[90]

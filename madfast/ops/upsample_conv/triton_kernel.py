@@ -40,37 +40,47 @@ def _source_coord(u, H, OH, scale, ACC: tl.constexpr):
 
 
 @triton.jit
-def _gather_upsampled(x_ptr, n, oh, ow, m_ok, k, K, H, W, OH, OW, scale_h, scale_w, sx_n, sx_c, sx_h, sx_w,
-                      ACC: tl.constexpr):
-    """[len(m), len(k)] tile of the implicit-GEMM operand: upsample×2(x) at the 3×3 taps k of
-    output pixels (n, oh, ow), interpolated from four reads of the low-resolution x (0 in padding),
-    in ACC (fp32; fp64 for fp64 inputs)."""
-    ci = k // 9
-    kh = (k % 9) // 3
-    kw = k % 3
-    u = oh[:, None] + kh[None, :] - 1  # row in the upsampled image
-    v = ow[:, None] + kw[None, :] - 1
-    ok = m_ok[:, None] & (k < K)[None, :] & (u >= 0) & (u < OH) & (v >= 0) & (v < OW)
+def _tap_sources(oh, ow, m_ok, tap, H, W, OH, OW, scale_h, scale_w, sx_h, sx_w, ACC: tl.constexpr):
+    """Where tap (kh, kw) = divmod(tap, 3) of output pixels (oh, ow) reads upsample×2(x): the four
+    low-resolution offsets within the image (int32: the host checks that one image has < 2³¹
+    elements) and their bilinear weights in ACC, 0 in the padding. Computed once per (pixel, tap)
+    and reused for every channel of the tap."""
+    u = oh + tap // 3 - 1  # row in the upsampled image
+    v = ow + tap % 3 - 1
+    ok = m_ok & (u >= 0) & (u < OH) & (v >= 0) & (v < OW)
     src_h = _source_coord(u, H, OH, scale_h, ACC)
     src_w = _source_coord(v, W, OW, scale_w, ACC)
     h0 = tl.minimum(tl.maximum(src_h.to(tl.int32), 0), H - 1)  # src ≥ 0 wherever ok
     w0 = tl.minimum(tl.maximum(src_w.to(tl.int32), 0), W - 1)
     h1 = tl.minimum(h0 + 1, H - 1)
     w1 = tl.minimum(w0 + 1, W - 1)
-    lh = src_h - h0.to(ACC)
+    lh = tl.where(ok, src_h - h0.to(ACC), 0.0)
     lw = src_w - w0.to(ACC)
-    base = x_ptr + n[:, None] * sx_n + ci[None, :] * sx_c
-    x00 = tl.load(base + h0 * sx_h + w0 * sx_w, mask=ok, other=0.0).to(ACC)
-    x01 = tl.load(base + h0 * sx_h + w1 * sx_w, mask=ok, other=0.0).to(ACC)
-    x10 = tl.load(base + h1 * sx_h + w0 * sx_w, mask=ok, other=0.0).to(ACC)
-    x11 = tl.load(base + h1 * sx_h + w1 * sx_w, mask=ok, other=0.0).to(ACC)
-    return (1 - lh) * ((1 - lw) * x00 + lw * x01) + lh * ((1 - lw) * x10 + lw * x11)
+    top = tl.where(ok, 1 - lh, 0.0)
+    r0 = h0 * sx_h
+    r1 = h1 * sx_h
+    return (r0 + w0 * sx_w, r0 + w1 * sx_w, r1 + w0 * sx_w, r1 + w1 * sx_w,
+            top * (1 - lw), top * lw, lh * (1 - lw), lh * lw, ok)
+
+
+@triton.jit
+def _gather_tap(x_img, o00, o01, o10, o11, w00, w01, w10, w11, ok, ci, Cin, sx_c, ACC: tl.constexpr):
+    """[len(pixels), len(ci)] tile of the implicit-GEMM operand for one tap: channels ci of the
+    up-sampled x, four loads along ci (contiguous in channels_last) weighted by _tap_sources;
+    x_img points at each pixel's image."""
+    mask = ok[:, None] & (ci < Cin)[None, :]
+    c = ci[None, :] * sx_c
+    a = w00[:, None] * tl.load(x_img[:, None] + (o00[:, None] + c), mask=mask, other=0.0).to(ACC)
+    a += w01[:, None] * tl.load(x_img[:, None] + (o01[:, None] + c), mask=mask, other=0.0).to(ACC)
+    a += w10[:, None] * tl.load(x_img[:, None] + (o10[:, None] + c), mask=mask, other=0.0).to(ACC)
+    a += w11[:, None] * tl.load(x_img[:, None] + (o11[:, None] + c), mask=mask, other=0.0).to(ACC)
+    return a
 
 
 @triton.jit
 def _upsample_conv_fwd_kernel(
     x_ptr,  # (N, Cin, H, W), strides sx_*
-    w_ptr,  # (Cout, Cin·9) contiguous
+    w_ptr,  # (9·Cin, Cout) contiguous: rows (kh, kw, ci), the reduction order of the loop
     y_ptr,  # (N, Cout, OH, OW), strides sy_*
     mean_ptr, m2_ptr,  # (tiles_m, Cout) fp64: each M-tile's mean and Σ(y − mean)² (fp64: a tile mean
                        # rounded to fp32 would cost ~2⁻²⁴·|mean|/std of the variance when |mean| ≫ std)
@@ -86,14 +96,21 @@ def _upsample_conv_fwd_kernel(
     m_ok = m < NB * OH * OW
     co_ok = co < Cout
     n = m // (OH * OW)
-    oh = (m // OW) % OH
-    ow = m % OW
-    K = Cin * 9
+    oh = ((m // OW) % OH).to(tl.int32)
+    ow = (m % OW).to(tl.int32)
+    x_img = x_ptr + n * sx_n
+    chunks = tl.cdiv(Cin, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), ACC)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        a = _gather_upsampled(x_ptr, n, oh, ow, m_ok, k, K, H, W, OH, OW, scale_h, scale_w, sx_n, sx_c, sx_h, sx_w, ACC)
-        b = tl.load(w_ptr + co[None, :] * K + k[:, None], mask=co_ok[None, :] & (k < K)[:, None], other=0.0)
+    # K = 9·Cin ordered (tap, ci) in one flat loop (so that it pipelines): the bilinear sources of a
+    # tap are per pixel, not per (pixel, channel) — BLOCK_K× less index work than a (ci, tap) order
+    for step in range(0, 9 * chunks):
+        tap = step // chunks
+        ci = (step - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        o00, o01, o10, o11, w00, w01, w10, w11, ok = _tap_sources(oh, ow, m_ok, tap, H, W, OH, OW, scale_h,
+                                                                  scale_w, sx_h, sx_w, ACC)
+        a = _gather_tap(x_img, o00, o01, o10, o11, w00, w01, w10, w11, ok, ci, Cin, sx_c, ACC)
+        b = tl.load(w_ptr + (tap * Cin + ci)[:, None] * Cout + co[None, :],
+                    mask=(ci < Cin)[:, None] & co_ok[None, :], other=0.0)
         if LOWP:  # tensor cores in the input precision, fp32 accumulation
             acc += tl.dot(a.to(b.dtype), b)
         else:
@@ -157,22 +174,24 @@ def _upsample_conv_grad_weight_kernel(
     x_ptr,  # (N, Cin, H, W), strides sx_*
     gy_ptr,  # (N, Cout, OH, OW), strides sg_*
     y_ptr, gsum_ptr, gsumsq_ptr, mean_ptr,  # y (strides sy_*), (Cout,) g_Σ, g_Σ², mean: read only when folded
-    gw_ptr,  # (splits, Cout, Cin·9) fp32 contiguous
+    gw_ptr,  # (splits, Cout, 9·Cin) fp32 contiguous, columns (kh, kw, ci)
     NB, Cin, H, W, Cout, OH, OW, scale_h, scale_w, M_SPLIT,
     sx_n, sx_c, sx_h, sx_w, sg_n, sg_c, sg_h, sg_w, sy_n, sy_c, sy_h, sy_w,
     FOLD_SUM: tl.constexpr, FOLD_SUMSQ: tl.constexpr, CENTRED: tl.constexpr,
     LOWP: tl.constexpr, FP32_DOT: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """grad_w[split, co, k] = Σ_{m in split} grad_y[m, co]·A[m, k], A gathered as in the forward: no
-    upsampled tensor. Each split of the pixels has its own partial (summed in a fixed order after)."""
+    """grad_w[split, co, (tap, ci)] = Σ_{m in split} grad_y[m, co]·A[m, (tap, ci)], A gathered as in
+    the forward: no upsampled tensor. A program owns one tap and BLOCK_K channels, so the bilinear
+    sources are per pixel. Each split of the pixels has its own partial (summed in a fixed order)."""
     pid_n = tl.program_id(0).to(tl.int64)  # output channels
-    pid_k = tl.program_id(1).to(tl.int64)  # taps
+    pid_k = tl.program_id(1)  # (tap, channel chunk)
     split = tl.program_id(2).to(tl.int64)  # pixels [split·M_SPLIT, (split + 1)·M_SPLIT)
+    chunks = tl.cdiv(Cin, BLOCK_K)
+    tap = pid_k // chunks
     co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    ci = (pid_k - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
     co_ok = co < Cout
-    K = Cin * 9
     M = NB * OH * OW
     acc = tl.zeros((BLOCK_N, BLOCK_K), ACC)
     m_end = tl.minimum(split * M_SPLIT + M_SPLIT, M)
@@ -180,9 +199,12 @@ def _upsample_conv_grad_weight_kernel(
         m = m0 + tl.arange(0, BLOCK_M)
         m_ok = m < m_end
         n = m // (OH * OW)
-        oh = (m // OW) % OH
-        ow = m % OW
-        a = _gather_upsampled(x_ptr, n, oh, ow, m_ok, k, K, H, W, OH, OW, scale_h, scale_w, sx_n, sx_c, sx_h, sx_w, ACC)
+        oh = ((m // OW) % OH).to(tl.int32)
+        ow = (m % OW).to(tl.int32)
+        x_img = x_ptr + n * sx_n
+        o00, o01, o10, o11, w00, w01, w10, w11, ok = _tap_sources(oh, ow, m_ok, tap, H, W, OH, OW, scale_h,
+                                                                  scale_w, sx_h, sx_w, ACC)
+        a = _gather_tap(x_img, o00, o01, o10, o11, w00, w01, w10, w11, ok, ci, Cin, sx_c, ACC)
         g = _load_grad(gy_ptr, y_ptr, gsum_ptr, gsumsq_ptr, mean_ptr,
                        co[:, None] * sg_c + n[None, :] * sg_n + oh[None, :] * sg_h + ow[None, :] * sg_w,
                        co[:, None] * sy_c + n[None, :] * sy_n + oh[None, :] * sy_h + ow[None, :] * sy_w,
@@ -192,7 +214,8 @@ def _upsample_conv_grad_weight_kernel(
             acc += tl.dot(g.to(lowp), a.to(lowp))
         else:
             acc += tl.dot(g, a, input_precision=FP32_DOT)
-    tl.store(gw_ptr + (split * Cout + co[:, None]) * K + k[None, :], acc, mask=co_ok[:, None] & (k < K)[None, :])
+    tl.store(gw_ptr + (split * Cout + co[:, None]) * (9 * Cin) + tap * Cin + ci[None, :], acc,
+             mask=co_ok[:, None] & (ci < Cin)[None, :])
 
 
 def grad_weight_splits(M: int, tiles: int, block_m: int, programs: int = 1024) -> tuple[int, int]:
@@ -206,9 +229,25 @@ def grad_weight_splits(M: int, tiles: int, block_m: int, programs: int = 1024) -
     return triton.cdiv(M, m_split), m_split
 
 
+def grad_weight_config(dtype: torch.dtype, max_shared: int, cin: int, cout: int) -> dict[str, int]:
+    """Tiles of the weight-gradient kernel: a program owns BLOCK_N output × BLOCK_K input channels
+    of one tap and steps over BLOCK_M pixels. Its loop gathers a (BLOCK_M, BLOCK_K) operand (reused
+    by BLOCK_N channels) and folds a (BLOCK_N, BLOCK_M) grad_y tile (reused by BLOCK_K), so both
+    channel tiles are as wide as the layer allows: at 128×128 the loop issues ~5× its bf16
+    tensor-core time on sm_90, 15× at 128×32 (benchmarks/kernel_sass.py). Fits ``max_shared``."""
+    if dtype == torch.float64:
+        return {"block_m": 32, "block_n": 32, "block_k": 32, "num_warps": 4, "num_stages": 1}
+    bn = min(128, max(32, triton.next_power_of_2(cout)))
+    bk = min(128, max(16, triton.next_power_of_2(cin)))
+    big = max_shared >= 160 * 1024 or dtype != torch.float32
+    if not big:
+        bk = min(bk, 64)
+    return {"block_m": 32, "block_n": bn, "block_k": bk, "num_warps": 8 if bn * bk >= 8192 else 4,
+            "num_stages": 2 if big else 1}
+
+
 def triton_upsample_conv_grad_weight(x: torch.Tensor, grad_y: torch.Tensor, weight_shape: torch.Size,
-                                     fold: GradFold | None = None,
-                                     block_m: int = 32, block_n: int = 32, block_k: int = 32) -> torch.Tensor:
+                                     fold: GradFold | None = None) -> torch.Tensor:
     """The weight gradient of conv3×3(upsample×2(x)) given grad_y (and the BN sums' gradients in
     ``fold``), (Cout, Cin, 3, 3) in fp32 (fp64 for fp64). The pixels are split over programs
     (grad_weight_splits); the partials are summed in a fixed order (deterministic, no atomics)."""
@@ -218,7 +257,9 @@ def triton_upsample_conv_grad_weight(x: torch.Tensor, grad_y: torch.Tensor, weig
     acc = acc_dtype(x.dtype)
     if x.numel() == 0 or Cout == 0:
         return torch.zeros(weight_shape, dtype=acc, device=x.device)
-    tiles_n, tiles_k = triton.cdiv(Cout, block_n), triton.cdiv(Cin * 9, block_k)
+    cfg = grad_weight_config(x.dtype, max_shared_memory(x.device), Cin, Cout)
+    block_m, block_n, block_k = cfg["block_m"], cfg["block_n"], cfg["block_k"]
+    tiles_n, tiles_k = triton.cdiv(Cout, block_n), 9 * triton.cdiv(Cin, block_k)
     splits, m_split = grad_weight_splits(N * OH * OW, tiles_n * tiles_k, block_m)
     partials = torch.empty((splits, Cout, Cin * 9), dtype=acc, device=x.device)  # every entry written
     fold = fold or GradFold.none(grad_y)
@@ -226,9 +267,9 @@ def triton_upsample_conv_grad_weight(x: torch.Tensor, grad_y: torch.Tensor, weig
         x, grad_y, *fold.pointers(), partials, N, Cin, H, W, Cout, OH, OW, (H - 1) / (OH - 1), (W - 1) / (OW - 1),
         m_split, *x.stride(), *grad_y.stride(), *fold.y.stride(), **fold.flags(),
         LOWP=_tensor_core_dot(x.dtype), FP32_DOT=fp32_dot_precision(x.dtype), ACC=_acc(x.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     gw = partials[0] if splits == 1 else partials.sum(0)
-    return gw.reshape(weight_shape)
+    return gw.reshape(Cout, 3, 3, Cin).permute(0, 3, 1, 2).contiguous()
 
 
 TILE_H, TILE_W = 8, 4  # input pixels per grad-input program; their up-sampled region fits 20×12 ≤ 256
@@ -249,12 +290,13 @@ def _bilinear_weight(u, h, scale, H, OH, ACC: tl.constexpr):
 def _upsample_conv_grad_input_kernel(
     gy_ptr,  # (N, Cout, OH, OW), strides sg_*
     y_ptr, gsum_ptr, gsumsq_ptr, mean_ptr,  # y (strides sy_*), (Cout,) g_Σ, g_Σ², mean: read only when folded
-    w_ptr,  # (Cout·9, Cin) contiguous: the weight with taps first
+    w_ptr,  # (9·Cout, Cin) contiguous: rows (kh, kw, co), the reduction order of the loop
     gx_ptr,  # (N, Cin, H, W), strides sx_*
     Cin, H, W, Cout, OH, OW, scale_h, scale_w, tiles_h, tiles_w,
     sg_n, sg_c, sg_h, sg_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
-    FOLD_SUM: tl.constexpr, FOLD_SUMSQ: tl.constexpr, CENTRED: tl.constexpr, FP32_DOT: tl.constexpr,
-    ACC: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, REGION: tl.constexpr, REGION_W: tl.constexpr,
+    FOLD_SUM: tl.constexpr, FOLD_SUMSQ: tl.constexpr, CENTRED: tl.constexpr, LOWP: tl.constexpr,
+    FP32_DOT: tl.constexpr, ACC: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, REGION: tl.constexpr,
+    REGION_W: tl.constexpr,
     BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grad_x = bilinear-adjoint(conv-transpose(grad_y)) one tile of input pixels at a time: the
@@ -270,23 +312,27 @@ def _upsample_conv_grad_input_kernel(
     u = tl.maximum(2 * h_lo - 2, 0) + p // REGION_W
     v = tl.maximum(2 * w_lo - 2, 0) + p % REGION_W
     p_ok = (u < OH) & (v < OW)
-    # 1) the up-sampled gradient of the region: conv-transpose as a GEMM over (co, kh, kw)
-    K = Cout * 9
+    # 1) the up-sampled gradient of the region: conv-transpose as a GEMM over (kh, kw, co), one flat
+    #    loop; a step's grad_y rows/columns are per region pixel and tap, its loads along co
+    chunks = tl.cdiv(Cout, BLOCK_K)
     g_up = tl.zeros((REGION, BLOCK_CI), ACC)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        co = k // 9
-        kh = (k % 9) // 3
-        kw = k % 3
-        y_row = u[:, None] + 1 - kh[None, :]
-        y_col = v[:, None] + 1 - kw[None, :]
-        ok = p_ok[:, None] & (k < K)[None, :] & (y_row >= 0) & (y_row < OH) & (y_col >= 0) & (y_col < OW)
+    for step in range(0, 9 * chunks):
+        tap = step // chunks
+        co = (step - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        y_row = u + 1 - tap // 3
+        y_col = v + 1 - tap % 3
+        row_ok = p_ok & (y_row >= 0) & (y_row < OH) & (y_col >= 0) & (y_col < OW)
+        ok = row_ok[:, None] & (co < Cout)[None, :]
         g = _load_grad(gy_ptr, y_ptr, gsum_ptr, gsumsq_ptr, mean_ptr,
-                       n * sg_n + co[None, :] * sg_c + y_row * sg_h + y_col * sg_w,
-                       n * sy_n + co[None, :] * sy_c + y_row * sy_h + y_col * sy_w,
+                       (n * sg_n + y_row * sg_h + y_col * sg_w)[:, None] + co[None, :] * sg_c,
+                       (n * sy_n + y_row * sy_h + y_col * sy_w)[:, None] + co[None, :] * sy_c,
                        co[None, :], ok, FOLD_SUM, FOLD_SUMSQ, CENTRED, ACC)
-        wt = tl.load(w_ptr + k[:, None] * Cin + ci[None, :], mask=(k < K)[:, None] & ci_ok[None, :], other=0.0)
-        g_up += tl.dot(g, wt.to(ACC), input_precision=FP32_DOT)
+        wt = tl.load(w_ptr + (tap * Cout + co)[:, None] * Cin + ci[None, :],
+                     mask=(co < Cout)[:, None] & ci_ok[None, :], other=0.0)
+        if LOWP:  # tensor cores in the input precision (grad_y's own, the fold rounded to it), fp32 sums
+            g_up += tl.dot(g.to(wt.dtype), wt)
+        else:
+            g_up += tl.dot(g, wt.to(ACC), input_precision=FP32_DOT)
     # 2) the bilinear adjoint: grad_x[i] = Σ_p weight(p → i)·g_up[p] (exact weights: "ieee")
     i = tl.arange(0, TILE_H * TILE_W)
     h = h_lo + i // TILE_W
@@ -300,16 +346,21 @@ def _upsample_conv_grad_input_kernel(
              gx.to(gx_ptr.dtype.element_ty), mask=i_ok[:, None] & ci_ok[None, :])
 
 
-def grad_input_config(dtype: torch.dtype, max_shared: int) -> dict[str, int]:
+def grad_input_config(dtype: torch.dtype, max_shared: int, cin: int = 128) -> dict[str, int]:
     """Tiles and pipeline depth of the grad-input kernel within ``max_shared`` bytes of shared memory
-    per block. Triton multi-buffers every load of the GEMM loop (grad_y, and y when BN is folded):
-    the default 3 stages at BLOCK_K=32 need 364 KiB in fp32 with the fold, over any GPU's limit (the
-    OutOfResources of the first H100 run). Measured for sm_90 (tests/test_triton_resources.py):
-    2 stages at BLOCK_K=16 need 116 KiB (fp32) / 80 KiB (bf16), 1 stage 64 KiB; fp64 with
-    BLOCK_CI=16 and 1 stage 96 KiB (within sm_86's 99 KiB too)."""
+    per block. Its loop loads and folds a (REGION, BLOCK_K) grad_y tile reused by BLOCK_CI input
+    channels, so BLOCK_CI is as wide as the layer allows (128: ~1.5× the tensor-core time issued
+    per step on sm_90, 32: ~5×; benchmarks/kernel_sass.py). Triton multi-buffers every load of
+    the loop: the first H100 run's 3 stages at BLOCK_K=32 asked for 364 KiB in fp32 with the BN
+    fold (OutOfResources); each choice here is compiled for sm_90 and sm_86 in
+    tests/test_triton_resources.py."""
     if dtype == torch.float64:
-        return {"block_ci": 16, "block_k": 16, "num_stages": 1}
-    return {"block_ci": 32, "block_k": 16, "num_stages": 2 if max_shared >= 160 * 1024 else 1}
+        return {"block_ci": 16, "block_k": 16, "num_stages": 1, "num_warps": 4}
+    # the (REGION, BLOCK_CI) fp32 accumulator passes through shared memory for the adjoint's GEMM:
+    # 160 KiB at 128 channels (sm_90 only), 96 KiB at 64
+    block_ci = min(128 if max_shared >= 200 * 1024 else 64, max(32, triton.next_power_of_2(cin)))
+    return {"block_ci": block_ci, "block_k": 16, "num_stages": 2 if max_shared >= 160 * 1024 else 1,
+            "num_warps": 8 if block_ci >= 64 else 4}
 
 
 def max_shared_memory(device: torch.device) -> int:
@@ -328,7 +379,7 @@ def triton_upsample_conv_grad_input(grad_y: torch.Tensor, weight: torch.Tensor, 
                                     x_like: torch.Tensor, fold: GradFold | None = None) -> torch.Tensor:
     """The input gradient of conv3×3(upsample×2(x)) given grad_y (and the BN sums' gradients in
     ``fold``), in x's dtype and layout."""
-    cfg = grad_input_config(grad_y.dtype, max_shared_memory(grad_y.device))
+    cfg = grad_input_config(grad_y.dtype, max_shared_memory(grad_y.device), x_shape[1])
     block_ci = cfg["block_ci"]
     N, Cin, H, W = x_shape
     Cout = weight.shape[0]
@@ -337,15 +388,17 @@ def triton_upsample_conv_grad_input(grad_y: torch.Tensor, weight: torch.Tensor, 
         return gx
     if Cout == 0:
         return gx.zero_()
-    w = weight.permute(0, 2, 3, 1).reshape(Cout * 9, Cin).contiguous()  # rows (co, kh, kw) as in the loop
+    w = weight.permute(2, 3, 0, 1).reshape(9 * Cout, Cin).contiguous()  # rows (kh, kw, co) as in the loop
     tiles_h, tiles_w = triton.cdiv(H, TILE_H), triton.cdiv(W, TILE_W)
     grid = (N * tiles_h * tiles_w, triton.cdiv(Cin, block_ci))
     fold = fold or GradFold.none(grad_y)
     _upsample_conv_grad_input_kernel[grid](
         grad_y, *fold.pointers(), w, gx, Cin, H, W, Cout, 2 * H, 2 * W, (H - 1) / (2 * H - 1), (W - 1) / (2 * W - 1),
         tiles_h, tiles_w, *grad_y.stride(), *fold.y.stride(), *gx.stride(), **fold.flags(),
-        FP32_DOT=fp32_dot_precision(grad_y.dtype), ACC=_acc(grad_y.dtype), TILE_H=TILE_H, TILE_W=TILE_W, REGION=REGION,
-        REGION_W=2 * TILE_W + 4, BLOCK_CI=block_ci, BLOCK_K=cfg["block_k"], num_stages=cfg["num_stages"])
+        LOWP=_tensor_core_dot(grad_y.dtype), FP32_DOT=fp32_dot_precision(grad_y.dtype), ACC=_acc(grad_y.dtype),
+        TILE_H=TILE_H, TILE_W=TILE_W, REGION=REGION,
+        REGION_W=2 * TILE_W + 4, BLOCK_CI=block_ci, BLOCK_K=cfg["block_k"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return gx
 
 
@@ -368,8 +421,55 @@ def _tensor_core_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float16 or (dtype == torch.bfloat16 and not interpreted())
 
 
-def triton_upsample_conv_fwd(x: torch.Tensor, weight: torch.Tensor, stats: bool = True,
-                             block_m: int = 64, block_n: int = 32, block_k: int = 32):
+_FWD_CONFIGS = {  # (BLOCK_N, BLOCK_K, num_warps, num_stages) per operand precision
+    # bf16/fp16: the gathers stay in registers, ≤ 32 KiB of shared memory at BLOCK_M = 128
+    "lowp": ((64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 4), (32, 32, 4, 4)),
+    # fp32 (TF32): the four gathers are pipelined through shared memory: BLOCK_M = 64, and only the
+    # first fits sm_86's 99 KiB (the autotuner skips the others there as out of resources)
+    "fp32": ((64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (32, 32, 4, 4)),
+    "fp64": ((32, 16, 4, 1),),  # a correctness dtype: one small tile
+}
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "fp64" if dtype == torch.float64 else "fp32" if dtype == torch.float32 else "lowp"
+
+
+def forward_configs(dtype: torch.dtype) -> list[triton.Config]:
+    """What the forward is autotuned over on a GPU for ``dtype`` inputs (per shape; BLOCK_M is the
+    host's, forward_block_m). The first is what the CPU interpreter and deterministic mode run; it
+    fits sm_86's and sm_90's shared memory (tests/test_triton_resources.py). Wide BLOCK_N first:
+    the gathered operand is reused by BLOCK_N output channels, and at 128 the loop issues ~3× its
+    bf16 tensor-core time on sm_90, 6× at 64, 12× at 32 (benchmarks/kernel_sass.py)."""
+    return _forward_tuner(_precision(dtype)).configs
+
+
+def forward_block_m(M: int, Cout: int, dtype: torch.dtype) -> int:
+    """Output pixels per forward program: 128 for bf16/fp16 unless that leaves an H100's 132 SMs
+    under two programs each at BLOCK_N = 128; 64 for fp32/fp64 (shared memory, see _FWD_CONFIGS)."""
+    if _precision(dtype) != "lowp":
+        return 64
+    return 128 if triton.cdiv(M, 128) * triton.cdiv(Cout, 128) >= 2 * 132 else 64
+
+
+@functools.cache
+def _forward_tuner(precision: str):
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+               for bn, bk, w, s in _FWD_CONFIGS[precision]]
+    return triton.autotune(configs, key=["NB", "Cin", "H", "W", "Cout", "BLOCK_M"])(_upsample_conv_fwd_kernel)
+
+
+def _launch_tuned(tuner, grid, *args, **kwargs) -> None:
+    """Launch the autotuner ``tuner`` on a GPU; its first config in the interpreter (nothing to time)
+    and under torch.use_deterministic_algorithms (one config, so one rounding in every process)."""
+    if interpreted() or torch.are_deterministic_algorithms_enabled():
+        cfg = tuner.configs[0]
+        tuner.fn[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    else:
+        tuner[grid](*args, **kwargs)
+
+
+def triton_upsample_conv_fwd(x: torch.Tensor, weight: torch.Tensor, stats: bool = True):
     """(y (N, Cout, 2H, 2W) in x's dtype and layout, batch mean (Cout,), biased batch variance
     (Cout,)) — the moments are fp32 (fp64 for fp64) and empty when ``stats`` is False. Arguments
     already validated."""
@@ -378,20 +478,18 @@ def triton_upsample_conv_fwd(x: torch.Tensor, weight: torch.Tensor, stats: bool 
     OH, OW = 2 * H, 2 * W
     y = torch.empty((N, Cout, OH, OW), dtype=x.dtype, device=x.device, memory_format=kernel_memory_format(x))
     M = N * OH * OW
+    block_m = forward_block_m(M, Cout, x.dtype)
     tiles = triton.cdiv(M, block_m)
     means = torch.zeros((tiles if stats else 0, Cout), dtype=torch.float64, device=x.device)
     m2s = torch.zeros_like(means)
     acc = acc_dtype(x.dtype)
     if y.numel() == 0:
         return y, y.new_zeros(Cout if stats else 0, dtype=acc), y.new_zeros(Cout if stats else 0, dtype=acc)
-    w = weight.reshape(Cout, Cin * 9).contiguous()
-    grid = (tiles, triton.cdiv(Cout, block_n))
-    _upsample_conv_fwd_kernel[grid](
-        x, w, y, means, m2s, N, Cin, H, W, Cout, OH, OW,
-        (H - 1) / (OH - 1), (W - 1) / (OW - 1),
-        *x.stride(), *y.stride(),
-        STATS=stats, LOWP=_tensor_core_dot(x.dtype), FP32_DOT=fp32_dot_precision(x.dtype), ACC=_acc(x.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    w = weight.permute(2, 3, 1, 0).reshape(9 * Cin, Cout).contiguous()  # rows (kh, kw, ci) as in the loop
+    _launch_tuned(_forward_tuner(_precision(x.dtype)), lambda meta: (tiles, triton.cdiv(Cout, meta["BLOCK_N"])),
+                  x, w, y, means, m2s, N, Cin, H, W, Cout, OH, OW, (H - 1) / (OH - 1), (W - 1) / (OW - 1),
+                  *x.stride(), *y.stride(), STATS=stats, LOWP=_tensor_core_dot(x.dtype),
+                  FP32_DOT=fp32_dot_precision(x.dtype), ACC=_acc(x.dtype), BLOCK_M=block_m)
     if not stats:
         return y, y.new_empty(0, dtype=acc), y.new_empty(0, dtype=acc)
     counts = (M - torch.arange(tiles, device=x.device) * block_m).clamp_max(block_m)

@@ -1,0 +1,166 @@
+"""Instruction mix of a Triton kernel's hottest loop on a GPU it is not running on.
+
+The kernel is compiled for an NVIDIA architecture with Triton's own toolchain (no GPU needed),
+disassembled with the nvdisasm Triton ships, and the loop with the most tensor-core instructions is
+counted per iteration: instructions issued by each warp, MMA instructions, global loads. With the
+iteration's FLOPs this gives the issue-bound time against the tensor-core time — a roofline check
+of the inner loop before any GPU has run it.
+
+    python benchmarks/kernel_sass.py        # the generator block's GEMM loops, sm_90 (~1 minute)
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+@dataclass
+class LoopMix:
+    instructions: int  # per warp per iteration
+    mma: int  # tensor-core instructions (HMMA/HGMMA) among them
+    loads: int  # global loads (LDG)
+    opcodes: collections.Counter
+
+    def issue_clocks(self, num_warps: int, schedulers: int = 4) -> float:
+        """Clocks an SM needs just to issue one iteration of one program (4 warp schedulers)."""
+        return self.instructions * num_warps / schedulers
+
+
+def compile_sass(fn, types: dict[str, str], constexprs: dict, arch: int = 90, aligned: tuple[str, ...] = (),
+                 **options) -> str:
+    """SASS of ``fn`` (a @triton.jit function) for sm_``arch``; parameters not in ``types`` or
+    ``constexprs`` are i32. ``aligned`` parameters are known multiples of 16, as Triton specializes
+    them at launch (pointers from torch's allocator, channel strides of C % 16 == 0)."""
+    params = list(inspect.signature(fn.fn).parameters)
+    sig = {p: "constexpr" if p in constexprs else types.get(p, "i32") for p in params}
+    attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in aligned}
+    src = ASTSource(fn, sig, {(params.index(k),): v for k, v in constexprs.items()}, attrs)
+    cubin = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm["cubin"]
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def _opcode(line: str) -> str:
+    return re.sub(r"^@!?U?P\w+\s+", "", line).split()[0].split(".")[0]
+
+
+def hottest_loop(sass: str) -> LoopMix:
+    """The loop (a backward branch and the code it jumps over) with the most MMA instructions."""
+    code, labels = [], {}
+    for line in sass.splitlines():
+        if m := re.match(r"\s*(\.L_x_\d+):", line):
+            labels[m.group(1)] = len(code)
+        elif m := re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line):
+            code.append(m.group(1))
+    best = None
+    for end, line in enumerate(code):
+        m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line)
+        start = labels.get(m.group(1), end + 1) if m else end + 1
+        if start <= end:
+            ops = collections.Counter(_opcode(i) for i in code[start:end + 1])
+            mma = sum(v for k, v in ops.items() if "MMA" in k)
+            mix = LoopMix(end - start + 1, mma, ops["LDG"] + ops["LDGSTS"], ops)
+            if best is None or mix.mma > best.mma:
+                best = mix
+    if best is None:
+        raise ValueError("no loop in the kernel")
+    return best
+
+
+# channels_last with Cin, Cout multiples of 16, as the generator runs: unit channel strides, the others
+# and every pointer aligned (what Triton's launch-time specialization sees)
+_ALIGNED = ("x_ptr", "w_ptr", "y_ptr", "gy_ptr", "gx_ptr", "mean_ptr", "m2_ptr", "gsum_ptr", "gsumsq_ptr", "gw_ptr",
+            "Cin", "Cout", "sx_n", "sx_h", "sx_w", "sy_n", "sy_h", "sy_w", "sg_n", "sg_h", "sg_w")
+_UNIT = ("sx_c", "sy_c", "sg_c")
+# H100 SXM dense tensor-core FLOP per SM per clock (989 / 495 TFLOP/s at 1.83 GHz on 132 SMs)
+TENSOR_FLOP_PER_CLK = {"bf16": 4096, "fp32": 2048}
+
+
+@dataclass
+class KernelLoop:
+    kernel: str
+    dtype: str  # "bf16" or "fp32" (TF32)
+    tile: str
+    num_warps: int
+    mix: LoopMix
+    flops: int  # per iteration of the loop
+
+    @property
+    def issue_over_tensor(self) -> float:
+        """Clocks to issue one iteration / clocks of its tensor-core work at peak: above 1 the
+        loop cannot feed the tensor cores however well memory keeps up."""
+        return self.mix.issue_clocks(self.num_warps) / (self.flops / TENSOR_FLOP_PER_CLK[self.dtype])
+
+
+def _compile(fn, types, consts, cfg_warps, cfg_stages, arch):
+    present = set(inspect.signature(fn.fn).parameters)
+    sass = compile_sass(fn, types, dict(consts, **{p: 1 for p in _UNIT if p in present}), arch,
+                        aligned=tuple(p for p in _ALIGNED if p in present and p not in consts),
+                        num_warps=cfg_warps, num_stages=cfg_stages)
+    return hottest_loop(sass)
+
+
+def block_kernel_loops(channels: int = 128, arch: int = 90) -> list[KernelLoop]:
+    """The generator block's three GEMM loops with the tiles the host picks for a channels→channels
+    layer (the forward: every autotuned config), in bf16 and fp32, with the BN fold of train mode."""
+    import torch
+    import triton.language as tl
+
+    from madfast.ops.upsample_conv import triton_kernel as K
+
+    rows = []
+    fl = {"scale_h": "fp32", "scale_w": "fp32"}
+    limit = 232448 if arch >= 90 else 101376
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        p = "*bf16" if name == "bf16" else "*fp32"
+        common = dict(LOWP=name == "bf16", FP32_DOT="ieee" if name == "bf16" else "tf32", ACC=tl.float32)
+        bm = K.forward_block_m(1 << 30, channels, dtype)
+        for cfg in K.forward_configs(dtype):
+            c = dict(common, STATS=True, BLOCK_M=bm, **cfg.kwargs)
+            mix = _compile(K._upsample_conv_fwd_kernel, dict(fl, x_ptr=p, w_ptr=p, y_ptr=p, mean_ptr="*fp64",
+                                                             m2_ptr="*fp64"), c, cfg.num_warps, cfg.num_stages, arch)
+            rows.append(KernelLoop("forward", name, f"{bm}×{c['BLOCK_N']}×{c['BLOCK_K']}", cfg.num_warps, mix,
+                                   2 * bm * c["BLOCK_N"] * c["BLOCK_K"]))
+        fold = dict(FOLD_SUM=True, FOLD_SUMSQ=True, CENTRED=True)
+        stats = {"gsum_ptr": "*fp32", "gsumsq_ptr": "*fp32", "mean_ptr": "*fp32"}
+        g = K.grad_weight_config(dtype, limit, channels, channels)
+        c = dict(common, **fold, BLOCK_M=g["block_m"], BLOCK_N=g["block_n"], BLOCK_K=g["block_k"])
+        types = dict(fl, **stats, x_ptr=p, gy_ptr=p, y_ptr=p, gw_ptr="*fp32")
+        mix = _compile(K._upsample_conv_grad_weight_kernel, types, c, g["num_warps"], g["num_stages"], arch)
+        rows.append(KernelLoop("grad_weight", name, f"{g['block_n']}×{g['block_k']}×{g['block_m']}", g["num_warps"],
+                               mix, 2 * g["block_m"] * g["block_n"] * g["block_k"]))
+        g = K.grad_input_config(dtype, limit, channels)
+        c = dict(common, **fold, TILE_H=K.TILE_H, TILE_W=K.TILE_W, REGION=K.REGION, REGION_W=2 * K.TILE_W + 4,
+                 BLOCK_CI=g["block_ci"], BLOCK_K=g["block_k"])
+        mix = _compile(K._upsample_conv_grad_input_kernel, dict(fl, **stats, gy_ptr=p, y_ptr=p, w_ptr=p, gx_ptr=p),
+                       c, g["num_warps"], g["num_stages"], arch)
+        rows.append(KernelLoop("grad_input", name, f"{K.REGION}×{g['block_ci']}×{g['block_k']}", g["num_warps"],
+                               mix, 2 * K.REGION * g["block_ci"] * g["block_k"]))
+    return rows
+
+
+def main() -> None:
+    print("| kernel | dtype | tile (M×N×K of the MMA) | warps | instructions/warp/iteration | MMA | loads | "
+          "issue clk | tensor clk | issue/tensor |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in block_kernel_loops():
+        tensor = r.flops / TENSOR_FLOP_PER_CLK[r.dtype]
+        print(f"| {r.kernel} | {r.dtype} | {r.tile} | {r.num_warps} | {r.mix.instructions} | {r.mix.mma} | "
+              f"{r.mix.loads} | {r.mix.issue_clocks(r.num_warps):.0f} | {tensor:.0f} | {r.issue_over_tensor:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
