@@ -127,13 +127,13 @@ def block_kernel_loops(channels: int = 128, arch: int = 90) -> list[KernelLoop]:
     for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
         p = "*bf16" if name == "bf16" else "*fp32"
         common = dict(LOWP=name == "bf16", FP32_DOT="ieee" if name == "bf16" else "tf32", ACC=tl.float32)
-        bm = K.forward_block_m(1 << 30, channels, dtype)
-        for cfg in K.forward_configs(dtype):
-            c = dict(common, STATS=True, BLOCK_M=bm, **cfg.kwargs)
+        bm = K.TH * K.TW
+        for cfg in K.forward_configs(dtype):  # one iteration: a chunk of channels, all nine taps
+            c = dict(common, STATS=True, TH=K.TH, TW=K.TW, HALO=K.HALO, **cfg.kwargs)
             mix = _compile(K._upsample_conv_fwd_kernel, dict(fl, x_ptr=p, w_ptr=p, y_ptr=p, mean_ptr="*fp64",
                                                              m2_ptr="*fp64"), c, cfg.num_warps, cfg.num_stages, arch)
-            rows.append(KernelLoop("forward", name, f"{bm}×{c['BLOCK_N']}×{c['BLOCK_K']}", cfg.num_warps, mix,
-                                   2 * bm * c["BLOCK_N"] * c["BLOCK_K"]))
+            rows.append(KernelLoop("forward", name, f"9·{bm}×{c['BLOCK_N']}×{c['BLOCK_K']}", cfg.num_warps, mix,
+                                   9 * 2 * bm * c["BLOCK_N"] * c["BLOCK_K"]))
         fold = dict(FOLD_SUM=True, FOLD_SUMSQ=True, CENTRED=True)
         stats = {"gsum_ptr": "*fp32", "gsumsq_ptr": "*fp32", "mean_ptr": "*fp32"}
         g = K.grad_weight_config(dtype, limit, channels, channels)

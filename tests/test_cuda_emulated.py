@@ -194,12 +194,14 @@ def test_emulated_channel_moments(emulated, shape, layout, dtype):
     torch.testing.assert_close(moments[0].double(), mean, rtol=rtol, atol=0)
     torch.testing.assert_close(moments[1].double(), var, rtol=rtol, atol=0)
     gm, gv = torch.randn(shape[1], generator=g).to(moments[0].dtype), torch.randn(shape[1], generator=g).to(moments[0].dtype)
-    grad = emulated.channel_moments_backward(gm, gv, x, moments[0])
     m = x64.numel() // shape[1]
     c = (slice(None), None, None)  # per channel, broadcast over (H, W); dim 0 (N) broadcasts too
     expected = gm.double()[c] / m + gv.double()[c] * 2 * (x64 - mean[c]) / m  # d(gm·mean + gv·var)/dx
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
-    torch.testing.assert_close(grad.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+    # one pass of the grid, and 1 or 3 blocks whose threads walk the channel through many strides
+    for max_blocks in (65535, 3, 1):
+        grad = emulated.channel_moments_backward(gm, gv, x, moments[0], max_blocks)
+        torch.testing.assert_close(grad.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
     for ours, theirs in zip(moments, torch.ops.madfast.channel_moments(x)):  # and the C++ kernel agrees
         close(ours, theirs, dtype)
 

@@ -1,8 +1,9 @@
 """The generator block's GEMM loops can feed the tensor cores: compiled for sm_90 here (no GPU),
 disassembled, and each hottest loop's instruction issue time compared with its tensor-core time
-(benchmarks/kernel_sass.py). The limits are what the tap-major loops reach with the tiles the host
-picks, with room for compiler drift; the kernels before them measured 10.6× (forward, same tile),
-24× (weight gradient) and no tensor-core instruction at all (bf16 input gradient)."""
+(benchmarks/kernel_sass.py). The limits are what the halo forward (1.5×) and the tap-major
+gradients (5.1×, 2.6×) reach with the tiles the host picks, with room for compiler drift; a
+tap-major forward measured 3.3×, the kernels before 10.6× (forward, same tile), 24× (weight
+gradient) and no tensor-core instruction at all (bf16 input gradient)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 pytest.importorskip("triton")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIMITS = {"forward": 4.0, "grad_weight": 7.0, "grad_input": 4.0}  # bf16, best tile of each kernel
+LIMITS = {"forward": 2.0, "grad_weight": 7.0, "grad_input": 4.0}  # bf16, best tile of each kernel
 
 
 @pytest.fixture(scope="module")

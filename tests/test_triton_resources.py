@@ -55,11 +55,11 @@ def _grad_input(dtype, arch, cfg) -> int:
                    num_warps=cfg.get("num_warps", 4))
 
 
-def _forward(dtype, arch, cfg, block_m) -> int:
+def _forward(dtype, arch, cfg) -> int:
     acc, dot, lowp = _common(dtype)
     p = PTR[dtype]
     types = dict(x_ptr=p, w_ptr=p, y_ptr=p, mean_ptr="*fp64", m2_ptr="*fp64", scale_h="fp32", scale_w="fp32")
-    consts = dict(STATS=True, LOWP=lowp, FP32_DOT=dot, ACC=acc, BLOCK_M=block_m, **cfg.kwargs)
+    consts = dict(STATS=True, LOWP=lowp, FP32_DOT=dot, ACC=acc, TH=K.TH, TW=K.TW, HALO=K.HALO, **cfg.kwargs)
     return _shared(K._upsample_conv_fwd_kernel, types, consts, arch, num_warps=cfg.num_warps,
                    num_stages=cfg.num_stages)
 
@@ -108,11 +108,9 @@ def _measure() -> dict[str, int]:
                 out[f"grad_weight/{dtype}/{arch}/{c}"] = _grad_weight(dtype, arch,
                                                                       K.grad_weight_config(dtype, limit, c, c))
             configs = K.forward_configs(dtype)
-            block_m = K.forward_block_m(1 << 30, 128, dtype)  # the larger tile
-            out[f"forward/{dtype}/{arch}/first"] = _forward(dtype, arch, configs[0], block_m)
+            out[f"forward/{dtype}/{arch}/first"] = _forward(dtype, arch, configs[0])
         if dtype in (torch.float32, torch.bfloat16):
-            out[f"forward/{dtype}/90/tuned"] = max(_forward(dtype, 90, c, K.forward_block_m(1 << 30, 128, dtype))
-                                                   for c in configs[1:])
+            out[f"forward/{dtype}/90/tuned"] = max(_forward(dtype, 90, c) for c in configs[1:])
     return out
 
 

@@ -137,6 +137,19 @@ def test_bad_input():
         upsample_conv(x, torch.randn(5, 3, 5, 5))
 
 
+def test_triton_refuses_images_past_32_bit_indexing():
+    """The Triton kernels index within an image in 32 bits: a larger image is an error naming x,
+    raised before anything is allocated (x here is one expanded element, no memory)."""
+    pytest.importorskip("triton")
+    from madfast.ops.upsample_conv.triton_kernel import triton_upsample_conv_fwd, triton_upsample_conv_grad_weight
+
+    x = torch.zeros(1, 1, 1, 1).expand(2, 2**16, 2**8, 2**7)
+    with pytest.raises(ValueError, match="one image of x has 2147483648 elements"):
+        triton_upsample_conv_fwd(x, torch.zeros(1, 2**16, 3, 3))
+    with pytest.raises(ValueError, match="one image of x has"):
+        triton_upsample_conv_grad_weight(x, torch.zeros(1), torch.Size((1, 2**16, 3, 3)))
+
+
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_bad_input_to_the_ops_themselves(backend):
     """The registered ops check their arguments too (C++: csrc/upsample_conv.h), naming each one."""

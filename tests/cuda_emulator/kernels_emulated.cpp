@@ -45,8 +45,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.def("channel_moments", [=](const at::Tensor& x) { return mf::moments::forward_gpu(x, launch); });
   m.def("channel_moments_backward", [=](const at::Tensor& gm, const at::Tensor& gv, const at::Tensor& x,
-                                        const at::Tensor& mean) {
-    return mf::moments::backward_gpu(gm, gv, x, mean, launch);
+                                        const at::Tensor& mean, int64_t max_blocks) {
+    return mf::moments::backward_gpu(gm, gv, x, mean, launch, max_blocks);
   });
   m.def("bn_stat_losses", [=](std::vector<at::Tensor> xs, std::vector<at::Tensor> rms, std::vector<at::Tensor> rvs) {
     return mf::bn_losses::forward_gpu(xs, rms, rvs, launch);

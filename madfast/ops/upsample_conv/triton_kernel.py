@@ -1,13 +1,21 @@
-"""Triton kernel of conv3×3(bilinear-upsample×2(x)) as an implicit GEMM that never writes the
-upsampled tensor: the A-operand loader reads the low-resolution x and interpolates on the fly
-(four gathers per element, align_corners=True weights), and the epilogue writes each M-tile's
-per-channel mean and Σ(y − mean)², which madfast.ops.upsample_conv.moments.chan_combine merges in
-a fixed order into BatchNorm's batch mean and variance (no E[y²]−E[y]² cancellation, no atomics).
+"""Triton kernels of conv3×3(bilinear-upsample×2(x)) as implicit GEMMs that never write the
+upsampled tensor, forward and backward (align_corners=True weights; fp32 GEMMs in TF32 unless
+torch.backends.cudnn.allow_tf32 is off — cuDNN's rule —, bf16/fp16 on tensor cores in their own
+precision, fp32 accumulation; fp64 in fp64).
 
-GEMM view: M = N·OH·OW output pixels, K = Cin·9 taps, N = Cout channels.
-fp32 GEMMs run in TF32 unless torch.backends.cudnn.allow_tf32 is off (cuDNN's rule), bf16/fp16 in
-their own precision on tensor cores. Status: correctness-tested under the CPU interpreter and on one
-H100 (benchmarks/results/2026-11-26-h100), not yet tuned there: "auto" takes it only where
+- Forward: a program owns an 8×8 tile of output pixels of one image; per chunk of input channels
+  it interpolates the tile's 10×10 up-sampled halo once (four loads along the channels per pixel)
+  and reads the nine taps from it as shifted views (tl.gather). The epilogue writes each tile's
+  per-channel mean and Σ(y − mean)², merged by moments.chan_combine in a fixed order into BatchNorm's
+  batch mean and variance (no E[y²]−E[y]² cancellation, no atomics).
+- Weight gradient: the reduction over pixels split over programs, each owning one tap and a run
+  of channels, so the bilinear sources are computed per (pixel, tap); partials summed in order.
+- Input gradient: per tile of input pixels, the conv-transpose GEMM over (tap, output channel) for
+  its up-sampled region, then the bilinear adjoint as a second GEMM — no atomics.
+
+The inner loops are sized against sm_90's issue rate without a GPU (benchmarks/kernel_sass.py,
+docs/performance.md). Status: correctness-tested under the CPU interpreter (and an earlier form on
+one H100, benchmarks/results/2026-11-26-h100), not yet timed: "auto" takes it only where
 `madfast check` verified it.
 """
 
@@ -80,51 +88,69 @@ def _gather_tap(x_img, o00, o01, o10, o11, w00, w01, w10, w11, ok, ci, Cin, sx_c
 @triton.jit
 def _upsample_conv_fwd_kernel(
     x_ptr,  # (N, Cin, H, W), strides sx_*
-    w_ptr,  # (9·Cin, Cout) contiguous: rows (kh, kw, ci), the reduction order of the loop
+    w_ptr,  # (9·Cin, Cout) contiguous: rows (kh, kw, ci)
     y_ptr,  # (N, Cout, OH, OW), strides sy_*
-    mean_ptr, m2_ptr,  # (tiles_m, Cout) fp64: each M-tile's mean and Σ(y − mean)² (fp64: a tile mean
-                       # rounded to fp32 would cost ~2⁻²⁴·|mean|/std of the variance when |mean| ≫ std)
-    NB, Cin, H, W, Cout, OH, OW, scale_h, scale_w,
+    mean_ptr, m2_ptr,  # (tiles, Cout) fp64: each tile's mean and Σ(y − mean)² (fp64: a tile mean rounded
+                       # to fp32 would cost ~2⁻²⁴·|mean|/std of the variance when |mean| ≫ std)
+    Cin, H, W, Cout, OH, OW, scale_h, scale_w, tiles_h, tiles_w,
     sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w,
     STATS: tl.constexpr, LOWP: tl.constexpr, FP32_DOT: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, HALO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = m < NB * OH * OW
+    """A program computes a TH×TW tile of output pixels of one image for BLOCK_N channels. Per chunk
+    of BLOCK_K input channels it interpolates the tile's up-sampled halo — (TH+2)×(TW+2) pixels,
+    four loads along the channels and the bilinear weights each — once, and reads the nine taps
+    from it as shifted views (tl.gather within the program): the interpolation is done ~1.6× per
+    output pixel and channel instead of 9× (one per tap)."""
+    pid = tl.program_id(0).to(tl.int64)
+    n = pid // (tiles_h * tiles_w)
+    oh0 = ((pid // tiles_w) % tiles_h * TH).to(tl.int32)
+    ow0 = (pid % tiles_w * TW).to(tl.int32)
+    co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     co_ok = co < Cout
-    n = m // (OH * OW)
-    oh = ((m // OW) % OH).to(tl.int32)
-    ow = (m % OW).to(tl.int32)
+    i = tl.arange(0, TH * TW)  # the tile's pixels, row-major
+    oh = oh0 + i // TW
+    ow = ow0 + i % TW
+    m_ok = (oh < OH) & (ow < OW)
+    # halo pixel p is up-sampled pixel (oh0 − 1 + p // (TW+2), ow0 − 1 + p % (TW+2)): the centre tap
+    # (4) of _tap_sources at that pixel; 0 outside the image (the convolution's zero padding)
+    p = tl.arange(0, HALO)
+    hr = p // (TW + 2)
+    o00, o01, o10, o11, w00, w01, w10, w11, ok = _tap_sources(oh0 - 1 + hr, ow0 - 1 + p % (TW + 2), hr < TH + 2, 4,
+                                                              H, W, OH, OW, scale_h, scale_w, sx_h, sx_w, ACC)
     x_img = x_ptr + n * sx_n
-    chunks = tl.cdiv(Cin, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), ACC)
-    # K = 9·Cin ordered (tap, ci) in one flat loop (so that it pipelines): the bilinear sources of a
-    # tap are per pixel, not per (pixel, channel) — BLOCK_K× less index work than a (ci, tap) order
-    for step in range(0, 9 * chunks):
-        tap = step // chunks
-        ci = (step - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
-        o00, o01, o10, o11, w00, w01, w10, w11, ok = _tap_sources(oh, ow, m_ok, tap, H, W, OH, OW, scale_h,
-                                                                  scale_w, sx_h, sx_w, ACC)
-        a = _gather_tap(x_img, o00, o01, o10, o11, w00, w01, w10, w11, ok, ci, Cin, sx_c, ACC)
-        b = tl.load(w_ptr + (tap * Cin + ci)[:, None] * Cout + co[None, :],
-                    mask=(ci < Cin)[:, None] & co_ok[None, :], other=0.0)
+    centre = (i // TW) * (TW + 2) + i % TW  # halo row of pixel i's tap (0, 0)
+    acc = tl.zeros((TH * TW, BLOCK_N), ACC)
+    for c0 in range(0, Cin, BLOCK_K):
+        ci = c0 + tl.arange(0, BLOCK_K)
+        halo = _gather_tap(x_img, o00, o01, o10, o11, w00, w01, w10, w11, ok, ci, Cin, sx_c, ACC)
         if LOWP:  # tensor cores in the input precision, fp32 accumulation
-            acc += tl.dot(a.to(b.dtype), b)
-        else:
-            acc += tl.dot(a, b.to(ACC), input_precision=FP32_DOT)
+            halo = halo.to(w_ptr.dtype.element_ty)
+        for tap in tl.static_range(9):
+            rows = centre + (tap // 3) * (TW + 2) + tap % 3
+            a = tl.gather(halo, tl.broadcast_to(rows[:, None], (TH * TW, BLOCK_K)), 0)
+            b = tl.load(w_ptr + (tap * Cin + ci)[:, None] * Cout + co[None, :],
+                        mask=(ci < Cin)[:, None] & co_ok[None, :], other=0.0)
+            if LOWP:
+                acc += tl.dot(a, b)
+            else:
+                acc += tl.dot(a, b.to(ACC), input_precision=FP32_DOT)
     out = acc.to(y_ptr.dtype.element_ty)
-    y_off = n[:, None] * sy_n + co[None, :] * sy_c + oh[:, None] * sy_h + ow[:, None] * sy_w
+    y_off = n * sy_n + co[None, :] * sy_c + (oh * sy_h + ow * sy_w)[:, None]
     keep = m_ok[:, None] & co_ok[None, :]
     tl.store(y_ptr + y_off, out, mask=keep)
     if STATS:  # BatchNorm's batch statistics of the stored (rounded) values: this tile's partials
         yv = tl.where(keep, out.to(mean_ptr.dtype.element_ty), 0.0)
         tile_mean = tl.sum(yv, 0) / tl.sum(m_ok.to(mean_ptr.dtype.element_ty), 0)
         d = tl.where(keep, yv - tile_mean[None, :], 0.0)
-        tl.store(mean_ptr + pid_m * Cout + co, tile_mean, mask=co_ok)
-        tl.store(m2_ptr + pid_m * Cout + co, tl.sum(d * d, 0), mask=co_ok)
+        tl.store(mean_ptr + pid * Cout + co, tile_mean, mask=co_ok)
+        tl.store(m2_ptr + pid * Cout + co, tl.sum(d * d, 0), mask=co_ok)
+
+
+def _check_image_size(x: torch.Tensor) -> None:
+    """The kernels index within one image of x in 32 bits (_tap_sources); across images in 64."""
+    if x.shape[0] and x[0].numel() >= 2**31:
+        raise ValueError(f"upsample_conv (triton): one image of x has {x[0].numel()} elements; at most 2**31 - 1")
 
 
 class GradFold(NamedTuple):
@@ -251,6 +277,7 @@ def triton_upsample_conv_grad_weight(x: torch.Tensor, grad_y: torch.Tensor, weig
     """The weight gradient of conv3×3(upsample×2(x)) given grad_y (and the BN sums' gradients in
     ``fold``), (Cout, Cin, 3, 3) in fp32 (fp64 for fp64). The pixels are split over programs
     (grad_weight_splits); the partials are summed in a fixed order (deterministic, no atomics)."""
+    _check_image_size(x)
     N, Cin, H, W = x.shape
     Cout = weight_shape[0]
     OH, OW = 2 * H, 2 * W
@@ -259,6 +286,8 @@ def triton_upsample_conv_grad_weight(x: torch.Tensor, grad_y: torch.Tensor, weig
         return torch.zeros(weight_shape, dtype=acc, device=x.device)
     cfg = grad_weight_config(x.dtype, max_shared_memory(x.device), Cin, Cout)
     block_m, block_n, block_k = cfg["block_m"], cfg["block_n"], cfg["block_k"]
+    if interpreted():  # the interpreter's cost is per loop step, not per element: fewer, larger steps
+        block_m = 128
     tiles_n, tiles_k = triton.cdiv(Cout, block_n), 9 * triton.cdiv(Cin, block_k)
     splits, m_split = grad_weight_splits(N * OH * OW, tiles_n * tiles_k, block_m)
     partials = torch.empty((splits, Cout, Cin * 9), dtype=acc, device=x.device)  # every entry written
@@ -380,6 +409,8 @@ def triton_upsample_conv_grad_input(grad_y: torch.Tensor, weight: torch.Tensor, 
     """The input gradient of conv3×3(upsample×2(x)) given grad_y (and the BN sums' gradients in
     ``fold``), in x's dtype and layout."""
     cfg = grad_input_config(grad_y.dtype, max_shared_memory(grad_y.device), x_shape[1])
+    if interpreted():  # the interpreter's cost is per loop step, not per element: fewer, larger steps
+        cfg["block_k"] = 64
     block_ci = cfg["block_ci"]
     N, Cin, H, W = x_shape
     Cout = weight.shape[0]
@@ -421,12 +452,14 @@ def _tensor_core_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float16 or (dtype == torch.bfloat16 and not interpreted())
 
 
+TH, TW = 8, 8  # output pixels per forward program (one image); their up-sampled halo is 10×10 ≤ HALO
+HALO = 128
 _FWD_CONFIGS = {  # (BLOCK_N, BLOCK_K, num_warps, num_stages) per operand precision
-    # bf16/fp16: the gathers stay in registers, ≤ 32 KiB of shared memory at BLOCK_M = 128
-    "lowp": ((64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 4), (32, 32, 4, 4)),
-    # fp32 (TF32): the four gathers are pipelined through shared memory: BLOCK_M = 64, and only the
-    # first fits sm_86's 99 KiB (the autotuner skips the others there as out of resources)
-    "fp32": ((64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (32, 32, 4, 4)),
+    # bf16/fp16: ≤ 16 KiB of shared memory; the loop issues 1.5, 1.5, 1.8, 2.7× its tensor-core time
+    "lowp": ((128, 32, 4, 2), (128, 16, 4, 3), (128, 32, 8, 2), (64, 32, 4, 2)),
+    # fp32: pipelining puts the four fp32 gathers in shared memory (180 KiB at 2 stages, over sm_86's
+    # 99 KiB: the autotuner skips what does not fit), so the first config runs unpipelined
+    "fp32": ((128, 16, 4, 1), (128, 16, 4, 2), (128, 16, 8, 2)),
     "fp64": ((32, 16, 4, 1),),  # a correctness dtype: one small tile
 }
 
@@ -436,27 +469,18 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def forward_configs(dtype: torch.dtype) -> list[triton.Config]:
-    """What the forward is autotuned over on a GPU for ``dtype`` inputs (per shape; BLOCK_M is the
-    host's, forward_block_m). The first is what the CPU interpreter and deterministic mode run; it
-    fits sm_86's and sm_90's shared memory (tests/test_triton_resources.py). Wide BLOCK_N first:
-    the gathered operand is reused by BLOCK_N output channels, and at 128 the loop issues ~3× its
-    bf16 tensor-core time on sm_90, 6× at 64, 12× at 32 (benchmarks/kernel_sass.py)."""
+    """What the forward is autotuned over on a GPU for ``dtype`` inputs, per shape. The first is
+    what the CPU interpreter and deterministic mode run. Each fits sm_86's and sm_90's shared
+    memory (tests/test_triton_resources.py); wide BLOCK_N because the interpolated halo is reused
+    by BLOCK_N output channels (benchmarks/kernel_sass.py)."""
     return _forward_tuner(_precision(dtype)).configs
-
-
-def forward_block_m(M: int, Cout: int, dtype: torch.dtype) -> int:
-    """Output pixels per forward program: 128 for bf16/fp16 unless that leaves an H100's 132 SMs
-    under two programs each at BLOCK_N = 128; 64 for fp32/fp64 (shared memory, see _FWD_CONFIGS)."""
-    if _precision(dtype) != "lowp":
-        return 64
-    return 128 if triton.cdiv(M, 128) * triton.cdiv(Cout, 128) >= 2 * 132 else 64
 
 
 @functools.cache
 def _forward_tuner(precision: str):
     configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                for bn, bk, w, s in _FWD_CONFIGS[precision]]
-    return triton.autotune(configs, key=["NB", "Cin", "H", "W", "Cout", "BLOCK_M"])(_upsample_conv_fwd_kernel)
+    return triton.autotune(configs, key=["Cin", "H", "W", "Cout", "tiles_h", "tiles_w"])(_upsample_conv_fwd_kernel)
 
 
 def _launch_tuned(tuner, grid, *args, **kwargs) -> None:
@@ -473,13 +497,13 @@ def triton_upsample_conv_fwd(x: torch.Tensor, weight: torch.Tensor, stats: bool 
     """(y (N, Cout, 2H, 2W) in x's dtype and layout, batch mean (Cout,), biased batch variance
     (Cout,)) — the moments are fp32 (fp64 for fp64) and empty when ``stats`` is False. Arguments
     already validated."""
+    _check_image_size(x)
     N, Cin, H, W = x.shape
     Cout = weight.shape[0]
     OH, OW = 2 * H, 2 * W
     y = torch.empty((N, Cout, OH, OW), dtype=x.dtype, device=x.device, memory_format=kernel_memory_format(x))
-    M = N * OH * OW
-    block_m = forward_block_m(M, Cout, x.dtype)
-    tiles = triton.cdiv(M, block_m)
+    tiles_h, tiles_w = triton.cdiv(OH, TH), triton.cdiv(OW, TW)
+    tiles = N * tiles_h * tiles_w
     means = torch.zeros((tiles if stats else 0, Cout), dtype=torch.float64, device=x.device)
     m2s = torch.zeros_like(means)
     acc = acc_dtype(x.dtype)
@@ -487,11 +511,13 @@ def triton_upsample_conv_fwd(x: torch.Tensor, weight: torch.Tensor, stats: bool 
         return y, y.new_zeros(Cout if stats else 0, dtype=acc), y.new_zeros(Cout if stats else 0, dtype=acc)
     w = weight.permute(2, 3, 1, 0).reshape(9 * Cin, Cout).contiguous()  # rows (kh, kw, ci) as in the loop
     _launch_tuned(_forward_tuner(_precision(x.dtype)), lambda meta: (tiles, triton.cdiv(Cout, meta["BLOCK_N"])),
-                  x, w, y, means, m2s, N, Cin, H, W, Cout, OH, OW, (H - 1) / (OH - 1), (W - 1) / (OW - 1),
-                  *x.stride(), *y.stride(), STATS=stats, LOWP=_tensor_core_dot(x.dtype),
-                  FP32_DOT=fp32_dot_precision(x.dtype), ACC=_acc(x.dtype), BLOCK_M=block_m)
+                  x, w, y, means, m2s, Cin, H, W, Cout, OH, OW, (H - 1) / (OH - 1), (W - 1) / (OW - 1),
+                  tiles_h, tiles_w, *x.stride(), *y.stride(), STATS=stats, LOWP=_tensor_core_dot(x.dtype),
+                  FP32_DOT=fp32_dot_precision(x.dtype), ACC=_acc(x.dtype), TH=TH, TW=TW, HALO=HALO)
     if not stats:
         return y, y.new_empty(0, dtype=acc), y.new_empty(0, dtype=acc)
-    counts = (M - torch.arange(tiles, device=x.device) * block_m).clamp_max(block_m)
+    rows = (OH - torch.arange(tiles_h, device=x.device) * TH).clamp_max(TH)  # pixels per tile (edges: fewer)
+    cols = (OW - torch.arange(tiles_w, device=x.device) * TW).clamp_max(TW)
+    counts = (rows[:, None] * cols[None, :]).flatten().repeat(N)
     mean, var = chan_combine(counts, means, m2s)
     return y, mean.to(acc), var.to(acc)
