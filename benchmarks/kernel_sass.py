@@ -19,16 +19,19 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float64: "*fp64"}  # Triton types
 
 
 @dataclass
 class LoopMix:
     instructions: int  # per warp per iteration
     mma: int  # tensor-core instructions (HMMA/HGMMA) among them
-    loads: int  # global loads (LDG)
+    loads: int  # global loads (LDG, and LDGSTS: asynchronous copies into shared memory)
     opcodes: collections.Counter
 
     def issue_clocks(self, num_warps: int, schedulers: int = 4) -> float:
@@ -36,16 +39,23 @@ class LoopMix:
         return self.instructions * num_warps / schedulers
 
 
-def compile_sass(fn, types: dict[str, str], constexprs: dict, arch: int = 90, aligned: tuple[str, ...] = (),
-                 **options) -> str:
-    """SASS of ``fn`` (a @triton.jit function) for sm_``arch``; parameters not in ``types`` or
-    ``constexprs`` are i32. ``aligned`` parameters are known multiples of 16, as Triton specializes
-    them at launch (pointers from torch's allocator, channel strides of C % 16 == 0)."""
+def compile_for_gpu(fn, types: dict[str, str], constexprs: dict, arch: int = 90, aligned: tuple[str, ...] = (),
+                    **options):
+    """Triton's compiled kernel of ``fn`` (a @triton.jit function) for sm_``arch``, without a GPU;
+    parameters not in ``types`` or ``constexprs`` are i32. ``aligned`` parameters are known
+    multiples of 16, as Triton specializes them at launch (pointers from torch's allocator, channel
+    strides of C % 16 == 0)."""
     params = list(inspect.signature(fn.fn).parameters)
     sig = {p: "constexpr" if p in constexprs else types.get(p, "i32") for p in params}
     attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in aligned}
     src = ASTSource(fn, sig, {(params.index(k),): v for k, v in constexprs.items()}, attrs)
-    cubin = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm["cubin"]
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def compile_sass(fn, types: dict[str, str], constexprs: dict, arch: int = 90, aligned: tuple[str, ...] = (),
+                 **options) -> str:
+    """SASS of ``fn`` for sm_``arch`` (compile_for_gpu, disassembled by Triton's nvdisasm)."""
+    cubin = compile_for_gpu(fn, types, constexprs, arch, aligned, **options).asm["cubin"]
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -105,50 +115,66 @@ class KernelLoop:
         return self.mix.issue_clocks(self.num_warps) / (self.flops / TENSOR_FLOP_PER_CLK[self.dtype])
 
 
-def _compile(fn, types, consts, cfg_warps, cfg_stages, arch):
+def block_kernel(kernel: str, dtype, cfg) -> tuple:
+    """How the host launches one of the generator block's GEMM kernels ("forward", "grad_weight",
+    "grad_input") for ``dtype`` inputs with tiles ``cfg`` (the forward: a triton.Config of
+    forward_configs; the gradients: a grad_*_config dict), train mode (BN statistics and their
+    fold): (the @triton.jit function, argument types, constexprs, compile options)."""
+    import triton.language as tl
+
+    from madfast.ops.upsample_conv import triton_kernel as K
+
+    p = PTR[dtype]
+    common = dict(LOWP=dtype in (torch.float16, torch.bfloat16), FP32_DOT="tf32" if dtype == torch.float32 else "ieee",
+                  ACC=tl.float64 if dtype == torch.float64 else tl.float32)
+    types = {"scale_h": "fp32", "scale_w": "fp32"}
+    if kernel == "forward":
+        consts = dict(common, STATS=True, TH=K.TH, TW=K.TW, HALO=K.HALO, **cfg.kwargs)
+        types.update(x_ptr=p, w_ptr=p, y_ptr=p, mean_ptr="*fp64", m2_ptr="*fp64")
+        return (K._upsample_conv_fwd_kernel, types, consts,
+                {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    common.update(FOLD_SUM=True, FOLD_SUMSQ=True, CENTRED=True)
+    types.update(gsum_ptr="*fp32", gsumsq_ptr="*fp32", mean_ptr="*fp32", y_ptr=p)
+    options = {"num_warps": cfg.get("num_warps", 4), "num_stages": cfg["num_stages"]}
+    if kernel == "grad_weight":
+        consts = dict(common, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"])
+        types.update(x_ptr=p, gy_ptr=p, gw_ptr="*fp64" if dtype == torch.float64 else "*fp32")
+        return K._upsample_conv_grad_weight_kernel, types, consts, options
+    consts = dict(common, TILE_H=K.TILE_H, TILE_W=K.TILE_W, REGION=K.REGION, REGION_W=2 * K.TILE_W + 4,
+                  BLOCK_CI=cfg["block_ci"], BLOCK_K=cfg["block_k"])
+    types.update(gy_ptr=p, w_ptr=p, gx_ptr=p)
+    return K._upsample_conv_grad_input_kernel, types, consts, options
+
+
+def _channels_last_loop(kernel: str, dtype, cfg, arch: int) -> LoopMix:
+    fn, types, consts, options = block_kernel(kernel, dtype, cfg)
     present = set(inspect.signature(fn.fn).parameters)
     sass = compile_sass(fn, types, dict(consts, **{p: 1 for p in _UNIT if p in present}), arch,
-                        aligned=tuple(p for p in _ALIGNED if p in present and p not in consts),
-                        num_warps=cfg_warps, num_stages=cfg_stages)
+                        aligned=tuple(p for p in _ALIGNED if p in present and p not in consts), **options)
     return hottest_loop(sass)
 
 
 def block_kernel_loops(channels: int = 128, arch: int = 90) -> list[KernelLoop]:
     """The generator block's three GEMM loops with the tiles the host picks for a channels→channels
     layer (the forward: every autotuned config), in bf16 and fp32, with the BN fold of train mode."""
-    import torch
-    import triton.language as tl
-
     from madfast.ops.upsample_conv import triton_kernel as K
 
     rows = []
-    fl = {"scale_h": "fp32", "scale_w": "fp32"}
     limit = 232448 if arch >= 90 else 101376
     for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-        p = "*bf16" if name == "bf16" else "*fp32"
-        common = dict(LOWP=name == "bf16", FP32_DOT="ieee" if name == "bf16" else "tf32", ACC=tl.float32)
         bm = K.TH * K.TW
         for cfg in K.forward_configs(dtype):  # one iteration: a chunk of channels, all nine taps
-            c = dict(common, STATS=True, TH=K.TH, TW=K.TW, HALO=K.HALO, **cfg.kwargs)
-            mix = _compile(K._upsample_conv_fwd_kernel, dict(fl, x_ptr=p, w_ptr=p, y_ptr=p, mean_ptr="*fp64",
-                                                             m2_ptr="*fp64"), c, cfg.num_warps, cfg.num_stages, arch)
-            rows.append(KernelLoop("forward", name, f"9·{bm}×{c['BLOCK_N']}×{c['BLOCK_K']}", cfg.num_warps, mix,
-                                   9 * 2 * bm * c["BLOCK_N"] * c["BLOCK_K"]))
-        fold = dict(FOLD_SUM=True, FOLD_SUMSQ=True, CENTRED=True)
-        stats = {"gsum_ptr": "*fp32", "gsumsq_ptr": "*fp32", "mean_ptr": "*fp32"}
+            bn, bk = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+            rows.append(KernelLoop("forward", name, f"9·{bm}×{bn}×{bk}", cfg.num_warps,
+                                   _channels_last_loop("forward", dtype, cfg, arch), 9 * 2 * bm * bn * bk))
         g = K.grad_weight_config(dtype, limit, channels, channels)
-        c = dict(common, **fold, BLOCK_M=g["block_m"], BLOCK_N=g["block_n"], BLOCK_K=g["block_k"])
-        types = dict(fl, **stats, x_ptr=p, gy_ptr=p, y_ptr=p, gw_ptr="*fp32")
-        mix = _compile(K._upsample_conv_grad_weight_kernel, types, c, g["num_warps"], g["num_stages"], arch)
         rows.append(KernelLoop("grad_weight", name, f"{g['block_n']}×{g['block_k']}×{g['block_m']}", g["num_warps"],
-                               mix, 2 * g["block_m"] * g["block_n"] * g["block_k"]))
+                               _channels_last_loop("grad_weight", dtype, g, arch),
+                               2 * g["block_m"] * g["block_n"] * g["block_k"]))
         g = K.grad_input_config(dtype, limit, channels)
-        c = dict(common, **fold, TILE_H=K.TILE_H, TILE_W=K.TILE_W, REGION=K.REGION, REGION_W=2 * K.TILE_W + 4,
-                 BLOCK_CI=g["block_ci"], BLOCK_K=g["block_k"])
-        mix = _compile(K._upsample_conv_grad_input_kernel, dict(fl, **stats, gy_ptr=p, y_ptr=p, w_ptr=p, gx_ptr=p),
-                       c, g["num_warps"], g["num_stages"], arch)
         rows.append(KernelLoop("grad_input", name, f"{K.REGION}×{g['block_ci']}×{g['block_k']}", g["num_warps"],
-                               mix, 2 * K.REGION * g["block_ci"] * g["block_k"]))
+                               _channels_last_loop("grad_input", dtype, g, arch),
+                               2 * K.REGION * g["block_ci"] * g["block_k"]))
     return rows
 
 

@@ -8,7 +8,6 @@ a GPU (Triton's own ptxas) and the shared memory they ask for is compared with e
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -19,60 +18,24 @@ import torch
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
 from madfast.ops.upsample_conv import triton_kernel as K  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from kernel_sass import PTR, block_kernel, compile_for_gpu  # noqa: E402
 
 # shared memory per block (bytes) an opt-in kernel may use: H100 and A10/RTX 30xx
 LIMITS = {90: 232448, 86: 101376}
-PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float64: "*fp64"}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
 def _shared(fn, types: dict[str, str], constexprs: dict, arch: int, **options) -> int:
-    params = list(inspect.signature(fn.fn).parameters)
-    sig = {p: "constexpr" if p in constexprs else types.get(p, "i32") for p in params}
-    src = ASTSource(fn, sig, {(params.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).metadata.shared
+    return compile_for_gpu(fn, types, constexprs, arch, **options).metadata.shared
 
 
-def _common(dtype):
-    acc = tl.float64 if dtype == torch.float64 else tl.float32
-    dot = "tf32" if dtype == torch.float32 else "ieee"
-    return acc, dot, dtype in (torch.float16, torch.bfloat16)
-
-
-def _grad_input(dtype, arch, cfg) -> int:
-    acc, dot, lowp = _common(dtype)
-    p = PTR[dtype]
-    types = {"gy_ptr": p, "y_ptr": p, "w_ptr": p, "gx_ptr": p, "gsum_ptr": "*fp32", "gsumsq_ptr": "*fp32",
-             "mean_ptr": "*fp32", "scale_h": "fp32", "scale_w": "fp32"}
-    consts = dict(FOLD_SUM=True, FOLD_SUMSQ=True, CENTRED=True, LOWP=lowp, FP32_DOT=dot, ACC=acc, TILE_H=K.TILE_H,
-                  TILE_W=K.TILE_W, REGION=K.REGION, REGION_W=2 * K.TILE_W + 4, BLOCK_CI=cfg["block_ci"],
-                  BLOCK_K=cfg["block_k"])
-    return _shared(K._upsample_conv_grad_input_kernel, types, consts, arch, num_stages=cfg["num_stages"],
-                   num_warps=cfg.get("num_warps", 4))
-
-
-def _forward(dtype, arch, cfg) -> int:
-    acc, dot, lowp = _common(dtype)
-    p = PTR[dtype]
-    types = dict(x_ptr=p, w_ptr=p, y_ptr=p, mean_ptr="*fp64", m2_ptr="*fp64", scale_h="fp32", scale_w="fp32")
-    consts = dict(STATS=True, LOWP=lowp, FP32_DOT=dot, ACC=acc, TH=K.TH, TW=K.TW, HALO=K.HALO, **cfg.kwargs)
-    return _shared(K._upsample_conv_fwd_kernel, types, consts, arch, num_warps=cfg.num_warps,
-                   num_stages=cfg.num_stages)
-
-
-def _grad_weight(dtype, arch, cfg) -> int:
-    acc, dot, lowp = _common(dtype)
-    p = PTR[dtype]
-    types = dict(x_ptr=p, gy_ptr=p, y_ptr=p, gsum_ptr="*fp32", gsumsq_ptr="*fp32", mean_ptr="*fp32",
-                 gw_ptr="*fp64" if dtype == torch.float64 else "*fp32", scale_h="fp32", scale_w="fp32")
-    consts = dict(FOLD_SUM=True, FOLD_SUMSQ=True, CENTRED=True, LOWP=lowp, FP32_DOT=dot, ACC=acc,
-                  BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"])
-    return _shared(K._upsample_conv_grad_weight_kernel, types, consts, arch, num_warps=cfg["num_warps"],
-                   num_stages=cfg["num_stages"])
+def _block(kernel, dtype, arch, cfg) -> int:
+    """Shared memory of one of the block's GEMM kernels, compiled as the host launches it."""
+    fn, types, consts, options = block_kernel(kernel, dtype, cfg)
+    return _shared(fn, types, consts, arch, **options)
 
 
 def _moments(dtype) -> list[int]:
@@ -97,20 +60,21 @@ def _measure() -> dict[str, int]:
     grad-input kernel's tiles before the fix (3 stages, BLOCK_K=32), which must measure over the
     H100's limit. Every tile the host picks is compiled for both chips; every config the forward's
     autotuner may try on sm_90 (where it skips one that does not fit, its first must fit)."""
-    out = {"before": _grad_input(torch.float32, 90, {"block_ci": 32, "block_k": 32, "num_stages": 3})}
+    out = {"before": _block("grad_input", torch.float32, 90, {"block_ci": 32, "block_k": 32, "num_stages": 3})}
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         for name, smem in zip(("moments", "moment_partials", "moment_partials_cl", "moment_merge"), _moments(dtype)):
             out[f"{name}/{dtype}/90"] = smem
     for dtype in DTYPES:
         for arch, limit in LIMITS.items():
             for c in CHANNELS:
-                out[f"grad_input/{dtype}/{arch}/{c}"] = _grad_input(dtype, arch, K.grad_input_config(dtype, limit, c))
-                out[f"grad_weight/{dtype}/{arch}/{c}"] = _grad_weight(dtype, arch,
-                                                                      K.grad_weight_config(dtype, limit, c, c))
+                out[f"grad_input/{dtype}/{arch}/{c}"] = _block("grad_input", dtype, arch,
+                                                               K.grad_input_config(dtype, limit, c))
+                out[f"grad_weight/{dtype}/{arch}/{c}"] = _block("grad_weight", dtype, arch,
+                                                                K.grad_weight_config(dtype, limit, c, c))
             configs = K.forward_configs(dtype)
-            out[f"forward/{dtype}/{arch}/first"] = _forward(dtype, arch, configs[0])
+            out[f"forward/{dtype}/{arch}/first"] = _block("forward", dtype, arch, configs[0])
         if dtype in (torch.float32, torch.bfloat16):
-            out[f"forward/{dtype}/90/tuned"] = max(_forward(dtype, 90, c) for c in configs[1:])
+            out[f"forward/{dtype}/90/tuned"] = max(_block("forward", dtype, 90, c) for c in configs[1:])
     return out
 
 
