@@ -131,7 +131,7 @@ def test_bn_stat_loss_resnet50_forward(benchmark, device, request, provider):
           provider=provider, baseline="eager")
 
 
-@pytest.mark.parametrize("provider", ["eager", "madfast_cpp"])
+@pytest.mark.parametrize("provider", ["eager", "madfast_cpp", "madfast_cuda", "madfast_triton"])
 def test_bn_hook_host_time(benchmark, device, request, provider):
     """Host time of a BN prior over 53 BN layers of 2×4×2×2 inputs (kernels cost nothing): a teacher
     forward with BNStatHook, hook.loss and the backward. Eager: the loss of each layer summed in a

@@ -4,7 +4,10 @@
 // Moments: split into runs of at most kChunk elements (contiguous H*W runs for NCHW; for
 // channels_last, tiles of kRows positions read along C), each run's (count, mean, M2) computed in
 // two passes in cache, in fp32 (fp64 only for fp64 inputs), then combined with Chan's formula in a
-// fixed order: results do not depend on the thread count, and |mean| >> std does not cancel.
+// fixed order: results do not depend on the thread count. Every value is taken less a pivot, its
+// channel's first value, and the pivot added back at the end, so that the sums and the merges of
+// run means stay of the size of the spread: |mean| >> std neither cancels nor rounds the variance
+// away (one-value runs, H*W = 1, included).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -45,55 +48,56 @@ void merge(Moments<acc_t>& a, const Moments<acc_t>& b) {
   a.n = n;
 }
 
-// One contiguous run: its mean, then the deviations from that mean (the second pass, with
-// Σd²  − (Σd)²/n, corrects the mean's rounding).
+// One contiguous run less the pivot: its mean, then the deviations from that mean (the second pass,
+// with Σd² − (Σd)²/n, corrects the mean's rounding).
 template <typename scalar_t, typename acc_t>
-MADFAST_CPU_CLONES Moments<acc_t> run_moments(const scalar_t* __restrict__ p, int64_t len) {
+MADFAST_CPU_CLONES Moments<acc_t> run_moments(const scalar_t* __restrict__ p, int64_t len, acc_t pivot) {
   acc_t lanes[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) lanes[j] += acc_t(p[i + j]);
+    for (int j = 0; j < kLanes; ++j) lanes[j] += acc_t(p[i + j]) - pivot;
   acc_t sum = 0;
   for (int j = 0; j < kLanes; ++j) sum += lanes[j];
-  for (; i < len; ++i) sum += acc_t(p[i]);
+  for (; i < len; ++i) sum += acc_t(p[i]) - pivot;
   const acc_t m = sum / acc_t(len);
   acc_t l1[kLanes] = {}, l2[kLanes] = {};
   for (i = 0; i + kLanes <= len; i += kLanes)
     for (int j = 0; j < kLanes; ++j) {
-      const acc_t d = acc_t(p[i + j]) - m;
+      const acc_t d = acc_t(p[i + j]) - pivot - m;
       l1[j] += d, l2[j] += d * d;
     }
   acc_t s1 = 0, s2 = 0;
   for (int j = 0; j < kLanes; ++j) s1 += l1[j], s2 += l2[j];
   for (; i < len; ++i) {
-    const acc_t d = acc_t(p[i]) - m;
+    const acc_t d = acc_t(p[i]) - pivot - m;
     s1 += d, s2 += d * d;
   }
   return {len, m + s1 / acc_t(len), std::max(acc_t(0), s2 - s1 * s1 / acc_t(len))};
 }
 
-// A tile of rows positions x C channels (channels_last: C contiguous per position) into per-channel
-// moments, the two passes vectorized along C.
+// A tile of rows positions x C channels (channels_last: C contiguous per position), less the
+// channels' pivots, into per-channel moments, the two passes vectorized along C.
 template <typename scalar_t, typename acc_t>
 MADFAST_CPU_CLONES void tile_moments(const scalar_t* __restrict__ p, int64_t rows, int64_t C, int64_t row_stride,
-                                     acc_t* __restrict__ sum, acc_t* __restrict__ s1, acc_t* __restrict__ s2) {
+                                     const acc_t* __restrict__ pivot, acc_t* __restrict__ sum,
+                                     acc_t* __restrict__ s1, acc_t* __restrict__ s2) {
   std::fill(sum, sum + C, acc_t(0));
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < C; ++c) sum[c] += acc_t(p[r * row_stride + c]);
+    for (int64_t c = 0; c < C; ++c) sum[c] += acc_t(p[r * row_stride + c]) - pivot[c];
   const acc_t inv = acc_t(1) / acc_t(rows);
   for (int64_t c = 0; c < C; ++c) sum[c] *= inv;  // now the tile's mean
   std::fill(s1, s1 + C, acc_t(0));
   std::fill(s2, s2 + C, acc_t(0));
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < C; ++c) {
-      const acc_t d = acc_t(p[r * row_stride + c]) - sum[c];
+      const acc_t d = acc_t(p[r * row_stride + c]) - pivot[c] - sum[c];
       s1[c] += d, s2[c] += d * d;
     }
 }
 
-// Per-channel moments of one layer's input into out[c] (count, mean, M2).
+// layer_moments of the values less the channels' pivots.
 template <typename scalar_t, typename acc_t>
-void layer_moments(const ChannelView& v, Moments<acc_t>* out) {
+void layer_moments_from(const ChannelView& v, const acc_t* pivot, Moments<acc_t>* out) {
   const scalar_t* xp = v.x.const_data_ptr<scalar_t>();
   if (v.channels_last() && v.HW * v.N > 1) {
     // positions (n, hw) are rows of C contiguous values, n-major: row (n, hw) at n*sN + hw*C
@@ -103,7 +107,7 @@ void layer_moments(const ChannelView& v, Moments<acc_t>* out) {
       std::vector<acc_t> mean(v.C), s1(v.C), s2(v.C);
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t n = k / tiles_per_n, r0 = (k % tiles_per_n) * kRows, rows = std::min(kRows, v.HW - r0);
-        tile_moments(xp + n * v.sN + r0 * v.C, rows, v.C, v.C, mean.data(), s1.data(), s2.data());
+        tile_moments(xp + n * v.sN + r0 * v.C, rows, v.C, v.C, pivot, mean.data(), s1.data(), s2.data());
         for (int64_t c = 0; c < v.C; ++c)
           part[k * v.C + c] = {rows, mean[c] + s1[c] / acc_t(rows),
                                std::max(acc_t(0), s2[c] - s1[c] * s1[c] / acc_t(rows))};
@@ -124,10 +128,22 @@ void layer_moments(const ChannelView& v, Moments<acc_t>* out) {
       Moments<acc_t> m;
       for (int64_t n = 0; n < v.N; ++n)
         for (int64_t i = 0; i < v.HW; i += kChunk)
-          merge(m, run_moments<scalar_t, acc_t>(xp + n * v.sN + c * v.sC + i, std::min(kChunk, v.HW - i)));
+          merge(m, run_moments<scalar_t, acc_t>(xp + n * v.sN + c * v.sC + i, std::min(kChunk, v.HW - i),
+                                                pivot[c]));
       out[c] = m;
     }
   });
+}
+
+// Per-channel moments of one layer's input into out[c] (count, mean, M2).
+template <typename scalar_t, typename acc_t>
+void layer_moments(const ChannelView& v, Moments<acc_t>* out) {
+  const scalar_t* xp = v.x.const_data_ptr<scalar_t>();
+  std::vector<acc_t> pivot(v.C, acc_t(0));  // each channel's value at (n, h, w) = 0
+  if (v.N * v.HW > 0)
+    for (int64_t c = 0; c < v.C; ++c) pivot[c] = acc_t(xp[c * v.sC]);
+  layer_moments_from<scalar_t>(v, pivot.data(), out);
+  for (int64_t c = 0; c < v.C; ++c) out[c].mean += pivot[c];
 }
 
 template <typename acc_t>

@@ -272,6 +272,22 @@ def test_emulated_bn_stat_losses(emulated, dtype):
         torch.testing.assert_close(gx.double(), 2.5 * want_g, rtol=g_tol, atol=g_tol * want_g.abs().max().item())
 
 
+@pytest.mark.parametrize("shape,layout", [((33, 17, 1, 1), "contiguous"), ((64, 3, 2, 2), "channels_last"),
+                                          ((2, 3, 64, 64), "contiguous"), ((4, 40, 10, 10), "channels_last")])
+def test_emulated_bn_moments_exact_when_mean_dwarfs_std(emulated, shape, layout):
+    """|mean| = 1000·std: sums and merges of partial means taken less the channel's first value, so
+    the fp32 variance matches the fp64 one of the same values to 1e-5 (one-value rows, H·W = 1, and
+    row splits included; without the shared pivot: 2–4e-5)."""
+    g = torch.Generator().manual_seed(3)
+    x = (1000 + torch.randn(shape, generator=g, dtype=torch.float64)).float()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    var, mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+    _, moments, _ = emulated.bn_stat_losses([x], [torch.zeros(shape[1])], [torch.ones(shape[1])])
+    assert rel_err(moments[0], mean) <= 1e-6
+    assert rel_err(moments[1], var) <= 1e-5, rel_err(moments[1], var)
+
+
 def test_emulated_bn_stat_losses_many_layers_and_edges(emulated):
     """More layers than one launch's table (24): two launches per stage, layer order kept; a layer
     with no positions gives NaN moments (as PyTorch's mean of nothing), the others stay finite."""

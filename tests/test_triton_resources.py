@@ -38,21 +38,30 @@ def _block(kernel, dtype, arch, cfg) -> int:
     return _shared(fn, types, consts, arch, **options)
 
 
-def _moments(dtype) -> list[int]:
-    """The BN-moments kernels (split reduction included): reductions, not GEMMs, but compiling them
-    for sm_90 here catches what the interpreter accepts and the compiler does not."""
+MOMENT_KERNELS = ("moment_partials_nchw", "moment_partials_cl", "bn_grad_nchw", "bn_grad_cl", "moment_finalize",
+                  "moment_finalize_norms")
+
+
+def _moments(dtype) -> dict[str, int]:
+    """The BN-moments kernels, three layers per launch (tuples of pointers): reductions, not GEMMs,
+    but compiling them for sm_90 here catches what the interpreter accepts and the compiler does not."""
     from madfast.ops.bn_stats import triton_kernel as B
 
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     p, a = PTR[dtype], PTR[torch.float64 if dtype == torch.float64 else torch.float32]
-    wide = {"s_n": "i64", "s_c": "i64"}
-    return [_shared(B._moments_nchw_kernel, dict(wide, x_ptr=p, mean_ptr=a, var_ptr=a),
-                    dict(ACC=acc, BLOCK=B.BLOCK), 90),
-            _shared(B._partials_nchw_kernel, dict(wide, x_ptr=p, part_ptr=a), dict(ACC=acc, BLOCK=B.BLOCK), 90),
-            _shared(B._partials_cl_kernel, dict(x_ptr=p, part_ptr=a),
-                    dict(ACC=acc, BLOCK_P=B.BLOCK_P, BLOCK_C=B.BLOCK_C), 90),
-            _shared(B._merge_partials_kernel, dict(part_ptr=a, mean_ptr=a, var_ptr=a), dict(ACC=acc, BLOCK_C=B.BLOCK_C),
-                    90)]
+    out = {}
+    for layout, cl in (("nchw", False), ("cl", True)):
+        consts = dict(NUM=3, CHANNELS_LAST=cl, ACC=acc, BLOCK=B.BLOCK, BLOCK_P=B.BLOCK_P, BLOCK_C=B.BLOCK_C)
+        out[f"moment_partials_{layout}"] = _shared(B._partials_kernel, dict(xs=(p,) * 3, tab_ptr="*i64", part_ptr=a),
+                                                   consts, 90)
+        out[f"bn_grad_{layout}"] = _shared(B._bn_grad_kernel, dict(xs=(p,) * 3, outs=(p,) * 3, rms=(a,) * 3,
+                                                                   rvs=(a,) * 3, tab_ptr="*i64", grad_ptr=a,
+                                                                   mean_ptr=a, var_ptr=a, norms_ptr=a), consts, 90)
+    for suffix, norms in (("", False), ("_norms", True)):
+        out["moment_finalize" + suffix] = _shared(
+            B._finalize_kernel, dict(tab_ptr="*i64", part_ptr=a, rms=(a,) * 3, rvs=(a,) * 3, mean_ptr=a, var_ptr=a,
+                                     norms_ptr=a), dict(NUM=3, NORMS=norms, ACC=acc, BLOCK_C=B.BLOCK_C), 90)
+    return out
 
 
 def _measure() -> dict[str, int]:
@@ -62,7 +71,7 @@ def _measure() -> dict[str, int]:
     autotuner may try on sm_90 (where it skips one that does not fit, its first must fit)."""
     out = {"before": _block("grad_input", torch.float32, 90, {"block_ci": 32, "block_k": 32, "num_stages": 3})}
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        for name, smem in zip(("moments", "moment_partials", "moment_partials_cl", "moment_merge"), _moments(dtype)):
+        for name, smem in _moments(dtype).items():
             out[f"{name}/{dtype}/90"] = smem
     for dtype in DTYPES:
         for arch, limit in LIMITS.items():
@@ -96,8 +105,7 @@ def test_check_can_fail(shared):
 CHANNELS = (16, 64, 128)  # input = output channels of the layer the backward tiles are picked for
 CASES = ([f"{k}/{d}/{a}/{c}" for k in ("grad_input", "grad_weight") for d in DTYPES for a in LIMITS for c in CHANNELS]
          + [f"forward/{d}/{a}/first" for d in DTYPES for a in LIMITS])
-MOMENT_CASES = [f"{k}/{d}/90" for k in ("moments", "moment_partials", "moment_partials_cl", "moment_merge")
-                for d in (torch.float32, torch.bfloat16, torch.float64)]
+MOMENT_CASES = [f"{k}/{d}/90" for k in MOMENT_KERNELS for d in (torch.float32, torch.bfloat16, torch.float64)]
 
 
 @pytest.mark.parametrize("key", CASES)

@@ -10,11 +10,14 @@
 // arguments (up to kMaxLayers per launch, by value: nothing to copy per call, safe in CUDA graphs).
 //
 // Forward, 3 launches for any number of layers (more only past kMaxLayers per dtype):
-//   1. partials: each thread sums x - pivot and (x - pivot)^2 over its rows (pivot: its first value,
-//      so |mean| >> std does not cancel), in fp32 (fp64 for fp64); the block merges its threads'
-//      (count, mean, M2) with Chan's formula in a fixed tree order into one partial per channel;
-//   2. finalize: a block per layer merges each channel's partials in split order, writes the moments,
-//      and reduces (mean - running_mean)^2 and (var - running_var)^2 over channels into the norms;
+//   1. partials: each thread sums x - pivot and (x - pivot)^2 over its rows (pivot: the channel's
+//      value at (n, hw) = 0, the same for all its threads and blocks, so that neither the sums nor
+//      the merges of partial means carry |mean| when |mean| >> std), in fp32 (fp64 for fp64); the
+//      block merges its threads' (count, mean - pivot, M2) with Chan's formula in a fixed tree order
+//      into one partial per channel, and writes the pivot beside it;
+//   2. finalize: a block per layer merges each channel's partials in split order, adds the pivot back,
+//      writes the moments, and reduces (mean - running_mean)^2 and (var - running_var)^2 over
+//      channels into the norms;
 //   3. loss: the layers' norms summed in layer order on the device (no host sync).
 // Backward, one launch: the forward's block split, each thread's channel fixed, so its coefficients
 // grad_x = a_c + b_c (x - mean_c) are computed once; the upstream gradient is read on the device.
@@ -121,10 +124,10 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(Table table, acc_t* 
   const Layer& L = table.layer[find_layer(table)];
   const Slice s = slice_of(L);
   const scalar_t* x = static_cast<const scalar_t*>(L.x) + s.c * L.sC;
+  const acc_t pivot = s.active && L.N * L.HW > 0 ? acc_t(x[0]) : acc_t(0);  // the channel's first value
   Stats<acc_t> mine{0, 0, 0};
   if (s.active && s.row < s.end) {
     RowWalk w = walk(s, L);
-    const acc_t pivot = acc_t(x[w.offset(L)]);
     acc_t s1 = 0, s2 = 0, count = 0;
     for (int64_t r = s.row; r < s.end; r += s.step, w.next()) {
       const acc_t d = acc_t(x[w.offset(L)]) - pivot;
@@ -133,7 +136,7 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(Table table, acc_t* 
       count += acc_t(1);
     }
     const acc_t m = s1 / count;
-    mine = {count, pivot + m, std::max(acc_t(0), s2 - s1 * m)};
+    mine = {count, m, std::max(acc_t(0), s2 - s1 * m)};  // the mean less the pivot
   }
   // merge the block's row groups channel by channel (lanes apart), a fixed tree
   __shared__ acc_t sn[kThreads], smean[kThreads], sm2[kThreads];
@@ -152,6 +155,7 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(Table table, acc_t* 
     part[at] = sn[t];
     part[part_stride + at] = smean[t];
     part[2 * part_stride + at] = sm2[t];
+    part[3 * part_stride + at] = pivot;
   }
 }
 
@@ -171,7 +175,8 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(Table table, const a
       const int64_t at = L.part + c * L.splits + k;
       m = merge(m, Stats<acc_t>{part[at], part[part_stride + at], part[2 * part_stride + at]});
     }
-    const acc_t mean = m.n > acc_t(0) ? m.mean : acc_t(NAN), var = m.n > acc_t(0) ? m.m2 / m.n : acc_t(NAN);
+    const acc_t pivot = part[3 * part_stride + L.part + c * L.splits];
+    const acc_t mean = m.n > acc_t(0) ? pivot + m.mean : acc_t(NAN), var = m.n > acc_t(0) ? m.m2 / m.n : acc_t(NAN);
     mean_out[L.col + c] = mean;
     var_out[L.col + c] = var;
     if (norms != nullptr) {
@@ -289,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_gpu(at::TensorList xs, at
   const BnLayers& layers = p.layers;
   at::Tensor loss = at::empty({}, layers.options()), moments = at::empty({2, layers.total_c}, layers.options());
   at::Tensor norms = at::empty({2, layers.size()}, layers.options());
-  at::Tensor part = at::empty({3, std::max<int64_t>(p.parts, 1)}, layers.options());
+  at::Tensor part = at::empty({4, std::max<int64_t>(p.parts, 1)}, layers.options());
   AT_DISPATCH_FLOATING_TYPES(layers.acc, "bn_stat_losses_cuda", [&] {
     using acc_t = scalar_t;
     acc_t* part_ptr = part.data_ptr<acc_t>();
@@ -324,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor> moments_gpu(const ChannelView& v, const Launc
   Layer& L = t.layer[t.count++];
   plan_layer(L, v);
   L.x = v.x.const_data_ptr();
-  at::Tensor part = at::empty({3, L.C * L.splits}, v.x.options().dtype(acc));
+  at::Tensor part = at::empty({4, L.C * L.splits}, v.x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "channel_moments_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     launch(&partials_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(blocks_of(L))), dim3(kThreads), t,

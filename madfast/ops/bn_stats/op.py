@@ -1,10 +1,10 @@
 """madfast.ops.bn_stat_loss / bn_stat_losses over fused per-channel moments.
 
-C++ (CPU) and CUDA: ``madfast::bn_stat_losses`` takes every layer at once, moments and both
-penalties in one op (its backward writes every grad_x), so a teacher's BN loss costs one dispatch,
-not one per layer; on CUDA a split reduction (csrc/cuda/bn_stat_losses.cuh). Triton:
-``channel_moments_triton`` per layer (one read of x for the (C,) mean and biased variance, one
-more in the backward), the norms as torch ops.
+``madfast::bn_stat_losses`` (C++ on CPU, CUDA) and ``madfast::bn_stat_losses_triton`` take every
+layer at once, moments and both penalties in one op (its backward writes every grad_x), so a
+teacher's BN loss costs one dispatch, not one per layer: on a GPU a split reduction over every
+layer of a dtype and layout in one launch (csrc/cuda/bn_stat_losses.cuh,
+madfast/ops/bn_stats/triton_kernel.py), one read of each x forward and one backward.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ if _backend.has_kernel("bn_stat_losses", "CPU") or _backend.has_kernel("bn_stat_
 
 if importlib.util.find_spec("triton") is not None:
     # Opaque custom ops, as in madfast.ops.kl.op.
-    from madfast.ops.bn_stats.triton_kernel import triton_channel_moments, triton_channel_moments_backward
+    from madfast.ops.bn_stats.triton_kernel import (triton_bn_stat_losses, triton_bn_stat_losses_backward,
+                                                    triton_channel_moments, triton_channel_moments_backward)
 
     @torch.library.custom_op("madfast::channel_moments_triton", mutates_args=())
     def _channel_moments_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +97,20 @@ if importlib.util.find_spec("triton") is not None:
     _channel_moments_backward_triton.register_fake(_fake_moments_backward)
     _channel_moments_triton.register_autograd(_moments_backward,
                                               setup_context=_moments_setup("channel_moments_backward_triton"))
+
+    @torch.library.custom_op("madfast::bn_stat_losses_triton", mutates_args=())
+    def _bn_stat_losses_triton(xs: list[torch.Tensor], running_means: list[torch.Tensor],
+                               running_vars: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return triton_bn_stat_losses(xs, running_means, running_vars)
+
+    @torch.library.custom_op("madfast::bn_stat_losses_backward_triton", mutates_args=())
+    def _bn_stat_losses_backward_triton(grad: torch.Tensor, xs: list[torch.Tensor], running_means: list[torch.Tensor],
+                                        running_vars: list[torch.Tensor], moments: torch.Tensor,
+                                        norms: torch.Tensor) -> list[torch.Tensor]:
+        return triton_bn_stat_losses_backward(grad, xs, running_means, running_vars, moments, norms)
+
+    _bn_stat_losses_triton.register_fake(_fake_bn_losses)
+    _bn_stat_losses_backward_triton.register_fake(_fake_bn_losses_backward)
 
 
 def channel_moments(x: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,19 +140,22 @@ def bn_stat_loss(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch
     return bn_stat_losses([x], [running_mean], [running_var], backend=backend).to(x.dtype)
 
 
-# asked once: no dispatcher query under compile
-_MULTI_LAYER = {"cpp": _backend.has_kernel("bn_stat_losses", "CPU"),
-                "cuda": _backend.has_kernel("bn_stat_losses", "CUDA")}
+# the multi-layer ops of each backend, asked once (no dispatcher query under compile)
+_MULTI_LAYER = {backend: (_backend.compiled_op("bn_stat_losses", backend),
+                          _backend.compiled_op("bn_stat_losses_backward", backend))
+                for backend, present in (("cpp", _backend.has_kernel("bn_stat_losses", "CPU")),
+                                         ("cuda", _backend.has_kernel("bn_stat_losses", "CUDA")),
+                                         ("triton", importlib.util.find_spec("triton") is not None)) if present}
 
 
 class _BnStatLosses(torch.autograd.Function):
-    """madfast::bn_stat_losses with its backward. A plain Function: torch.library's autograd wrapper
-    walks list arguments with pytree, ~2 µs per tensor on a CPU core, three tensors per layer."""
+    """A backend's bn_stat_losses op with its backward op. A plain Function: torch.library's autograd
+    wrapper walks list arguments with pytree, ~2 µs per tensor on a CPU core, three tensors per layer."""
 
     @staticmethod
-    def forward(ctx, n: int, *tensors: torch.Tensor) -> torch.Tensor:
-        loss, moments, norms = torch.ops.madfast.bn_stat_losses(tensors[:n], tensors[n:2 * n], tensors[2 * n:])
-        ctx.n = n
+    def forward(ctx, ops: tuple, n: int, *tensors: torch.Tensor) -> torch.Tensor:
+        loss, moments, norms = ops[0](tensors[:n], tensors[n:2 * n], tensors[2 * n:])
+        ctx.n, ctx.backward_op = n, ops[1]
         ctx.mark_non_differentiable(moments, norms)
         ctx.save_for_backward(*tensors, moments, norms)
         return loss
@@ -145,9 +163,8 @@ class _BnStatLosses(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         saved, n = ctx.saved_tensors, ctx.n
-        grads = torch.ops.madfast.bn_stat_losses_backward(grad, saved[:n], saved[n:2 * n], saved[2 * n:3 * n],
-                                                          saved[-2], saved[-1])
-        return (None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:n + 1]))) + \
+        grads = ctx.backward_op(grad, saved[:n], saved[n:2 * n], saved[2 * n:3 * n], saved[-2], saved[-1])
+        return (None, None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:n + 2]))) + \
             (None,) * (2 * n)
 
 
@@ -159,8 +176,9 @@ def bn_stat_losses(xs: list[torch.Tensor], running_means: list[torch.Tensor], ru
         xs: BN inputs (N, C_l, H, W), on one device (validated by the kernel, which names the
             offending ``x[l]``: the per-layer Python checks are what this call saves).
         running_means, running_vars: (C_l,) each, as many as xs.
-        backend: "auto", "torch", "triton", "cuda" or "cpp"; on "cpp" and "cuda" one op for every
-            layer (CUDA: 3 launches forward, 1 backward, up to 24 layers of a dtype per launch).
+        backend: "auto", "torch", "triton", "cuda" or "cpp"; on all but "torch" one op for every
+            layer (CUDA: 3 launches forward, 1 backward, up to 24 layers of a dtype per launch;
+            Triton: the same, up to 32 layers of a dtype and layout per launch).
     Returns:
         A 0-d tensor, fp32 (fp64 when an x is fp64), differentiable w.r.t. every x.
     """
@@ -170,17 +188,12 @@ def bn_stat_losses(xs: list[torch.Tensor], running_means: list[torch.Tensor], ru
         raise ValueError(f"bn_stat_losses: x has {len(xs)} tensors but running_mean has {len(running_means)} "
                          f"and running_var {len(running_vars)}")
     chosen = _backend.choose("channel_moments", backend, xs[0].device)
-    if _MULTI_LAYER.get(chosen, False):
-        return _BnStatLosses.apply(len(xs), *xs, *running_means, *running_vars)
+    if chosen != "torch":
+        return _BnStatLosses.apply(_MULTI_LAYER[chosen], len(xs), *xs, *running_means, *running_vars)
     acc = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
     total = None
     for x, rm, rv in zip(xs, running_means, running_vars, strict=True):
-        if chosen == "torch":
-            loss = torch_bn_stat_loss(x.to(acc), rm, rv)
-        else:
-            mean, var = _backend.compiled_op("channel_moments", chosen)(x)
-            loss = (torch.linalg.vector_norm(mean - rm.to(mean.dtype))
-                    + torch.linalg.vector_norm(var - rv.to(var.dtype))).to(acc)
+        loss = torch_bn_stat_loss(x.to(acc), rm, rv)
         total = loss if total is None else total + loss
     return total
 
