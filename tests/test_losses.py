@@ -488,7 +488,8 @@ def test_triton_bn_stat_losses_one_launch_per_group(monkeypatch, device, max_lay
     """Every layer of a (dtype, layout) group in one partials, one finalize and one backward launch
     (groups here: 4 fp32 NCHW layers, 2 fp32 channels_last, 1 bf16), or ceil(layers / MAX_LAYERS)
     when a group is longer; a layer without channels is passed over. Values and gradients against
-    fp64 formulas; no dispatched op but the backward writes a tensor of an x's shape."""
+    fp64 formulas; no dispatched op but the backward writes a tensor of an x's shape; a second call
+    with new values of the same shapes reuses the plans."""
     skip_unless_available("channel_moments", "triton", device)
     from madfast.ops.bn_stats import bn_stat_losses
     from madfast.ops.bn_stats import triton_kernel as B
@@ -505,9 +506,18 @@ def test_triton_bn_stat_losses_one_launch_per_group(monkeypatch, device, max_lay
         with CountOps() as mode:
             ours = bn_stat_losses(ours_x, rms, rvs, backend="triton")
             (ours * 3).backward()
+        # new values and new running-statistics tensors of the same shapes: the plans (and their
+        # device tables) are reused, nothing is rebuilt, and the result follows the new values
+        misses = B._plan.cache_info().misses
+        xs2, rms2, rvs2 = ([t.to(device) for t in ts] for ts in _triton_bn_layers(seed=6))
+        again = bn_stat_losses([x.requires_grad_() for x in xs2], rms2, rvs2, backend="triton")
+        again.backward()
+        assert B._plan.cache_info().misses == misses == 2  # forward and backward, once each
+        assert rel_err(again, expected_bn_losses(xs2, rms2, rvs2)[0]) <= 1e-5
     finally:
         B._plan.cache_clear()
-    assert counts == {"_partials_kernel": launches, "_finalize_kernel": launches, "_bn_grad_kernel": launches}
+    assert counts == {name: 2 * launches for name in counts}
+    assert counts.keys() == {"_partials_kernel", "_finalize_kernel", "_bn_grad_kernel"}
     assert rel_err(ours, loss) <= 1e-5
     for x, g in zip(ours_x, grads):
         assert x.grad.dtype == x.dtype and x.grad.stride() == x.stride()
