@@ -319,12 +319,14 @@ def test_bad_input(device, backend):
             call()
 
 
-def bn_layers(seed=0):
-    """BN inputs of several layouts and dtypes, with running statistics (float64 and fp32)."""
+BN_SHAPES = [((4, 3, 9, 7), torch.float32, "contiguous"), ((2, 70, 5, 6), torch.float32, "channels_last"),
+             ((3, 5, 4, 45), torch.bfloat16, "contiguous"), ((5, 8, 1, 1), torch.float32, "channels_last"),
+             ((2, 4, 6, 5), torch.float32, "strided"), ((2, 16, 50, 50), torch.float32, "contiguous")]
+
+
+def bn_layers(seed=0, shapes=BN_SHAPES):
+    """BN inputs of the given (shape, dtype, layout)s, with running statistics (fp32 and float64)."""
     g = torch.Generator().manual_seed(seed)
-    shapes = [((4, 3, 9, 7), torch.float32, "contiguous"), ((2, 70, 5, 6), torch.float32, "channels_last"),
-              ((3, 5, 4, 45), torch.bfloat16, "contiguous"), ((5, 8, 1, 1), torch.float32, "channels_last"),
-              ((2, 4, 6, 5), torch.float32, "strided"), ((2, 16, 50, 50), torch.float32, "contiguous")]
     xs, rms, rvs = [], [], []
     for shape, dtype, layout in shapes:
         x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 3).to(dtype)
@@ -455,20 +457,15 @@ def test_triton_bn_layer_checks_name_the_device():
                       (torch.float32, shape, gpu, False, ((torch.float32, torch.Size([3]), gpu),) * 2)), "op")
 
 
+# Seven layers in three (dtype, layout) groups, with a channel-less layer inside the largest.
+TRITON_BN_SHAPES = [((4, 3, 9, 7), torch.float32, "contiguous"), ((2, 70, 5, 6), torch.float32, "channels_last"),
+                    ((3, 0, 4, 4), torch.float32, "contiguous"), ((3, 5, 4, 45), torch.bfloat16, "contiguous"),
+                    ((5, 40, 3, 3), torch.float32, "channels_last"), ((2, 4, 33, 35), torch.float32, "contiguous"),
+                    ((1, 2, 1, 1), torch.float32, "contiguous")]
+
+
 def _triton_bn_layers(seed=5):
-    """Seven layers in three (dtype, layout) groups, with a channel-less layer inside the largest."""
-    g = torch.Generator().manual_seed(seed)
-    specs = [((4, 3, 9, 7), torch.float32, False), ((2, 70, 5, 6), torch.float32, True),
-             ((3, 0, 4, 4), torch.float32, False), ((3, 5, 4, 45), torch.bfloat16, False),
-             ((5, 40, 3, 3), torch.float32, True), ((2, 4, 33, 35), torch.float32, False),
-             ((1, 2, 1, 1), torch.float32, False)]
-    xs, rms, rvs = [], [], []
-    for shape, dtype, channels_last in specs:
-        x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 3).to(dtype)
-        xs.append(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
-        rms.append(torch.randn(shape[1], generator=g))
-        rvs.append(torch.rand(shape[1], generator=g) + 0.5)
-    return xs, rms, rvs
+    return bn_layers(seed, TRITON_BN_SHAPES)
 
 
 class _CountLaunches:

@@ -112,6 +112,18 @@ def _pick(ptrs, li, NUM: tl.constexpr):
 
 
 @triton.jit
+def _program_of(tab_ptr, NUM: tl.constexpr):
+    """This program's layer (its index in the launch and its table row), channel group and split."""
+    pid = tl.program_id(0)
+    li = _layer_of(pid, tab_ptr, NUM)
+    row = tab_ptr + li * ROW
+    local = pid - tl.load(row)
+    splits = tl.load(row + 4)
+    group = local // splits
+    return li, row, group, local - group * splits
+
+
+@triton.jit
 def _partials_kernel(
     xs,  # tuple of NUM layer inputs, contiguous (NCHW) or channels_last
     tab_ptr,  # (NUM, ROW) int64, the launch's rows of the layer table
@@ -120,15 +132,10 @@ def _partials_kernel(
     NUM: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    li = _layer_of(pid, tab_ptr, NUM)
+    li, row, group, split = _program_of(tab_ptr, NUM)
     x_ptr = _pick(xs, li, NUM)
-    row = tab_ptr + li * ROW
     N, C, HW = tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
     S, PER, part = tl.load(row + 4), tl.load(row + 5), tl.load(row + 6)
-    local = pid - tl.load(row)
-    group = local // S
-    split = local - group * S
     if CHANNELS_LAST:  # PER positions (a multiple of BLOCK_P) × BLOCK_C channels
         c = group * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = c < C
@@ -224,18 +231,13 @@ def _bn_grad_kernel(
     NUM: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    li = _layer_of(pid, tab_ptr, NUM)
+    li, row, group, split = _program_of(tab_ptr, NUM)
     x_ptr = _pick(xs, li, NUM)
     out_ptr = _pick(outs, li, NUM)
     rm_ptr = _pick(rms, li, NUM)
     rv_ptr = _pick(rvs, li, NUM)
-    row = tab_ptr + li * ROW
     N, C, HW = tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
-    S, PER, col, index = tl.load(row + 4), tl.load(row + 5), tl.load(row + 7), tl.load(row + 8)
-    local = pid - tl.load(row)
-    group = local // S
-    split = local - group * S
+    PER, col, index = tl.load(row + 5), tl.load(row + 7), tl.load(row + 8)
     # d‖u‖/du = u/‖u‖ (0 at u = 0, as torch.linalg.vector_norm's backward), then through the moments:
     # grad_x = g_mean/M + 2 g_var (x − mean)/M
     g = tl.load(grad_ptr).to(ACC)
