@@ -296,12 +296,15 @@ def test_channel_moments_when_mean_dwarfs_std(impl, dtype, shape, layout):
         assert ((naive.double() - var64).abs() / var64).max() > 1e-3
 
 
-@pytest.mark.parametrize("device,backend", [(d, b) for d in DEVICES for b in ("aten", "triton")])
+MOMENT_BACKENDS = ("torch", "cpp", "cuda", "aten", "triton")
+
+
+@pytest.mark.parametrize("device,backend", [(d, b) for d in DEVICES for b in MOMENT_BACKENDS])
 def test_batch_moments_when_mean_dwarfs_std(device, backend):
-    """upsample_conv_moments on "aten" (Welford) and "triton" (per-tile partials, Chan-combined):
-    the batch mean and biased variance of the y they return, against fp64 — with |mean| > 100·std,
-    where E[y²]−E[y]² in fp32 loses the variance (checked too); upsample_conv's Σy, Σy² derive
-    from them."""
+    """upsample_conv_moments on every backend ("aten": Welford; "triton": per-tile partials,
+    Chan-combined; "cpp"/"cuda": the BN-statistics moments op on y; "torch": var_mean): the batch
+    mean and biased variance of the y they return, against fp64 — with |mean| > 100·std, where
+    E[y²]−E[y]² in fp32 loses the variance (checked too); upsample_conv's Σy, Σy² agree with them."""
     skip_unless_available("upsample_conv", backend, device)
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(4, 6, 5, 7, generator=g, dtype=torch.float64) * 0.01 + 10).to(device)
@@ -338,7 +341,7 @@ def test_aten_moments_in_fp64(device):
     torch.testing.assert_close(var, var64, atol=0, rtol=1e-10)
 
 
-@pytest.mark.parametrize("device,backend", [(d, b) for d in DEVICES for b in ("aten", "triton")])
+@pytest.mark.parametrize("device,backend", [(d, b) for d in DEVICES for b in MOMENT_BACKENDS])
 def test_moment_gradients(device, backend):
     """Gradients through y, the mean and the variance together, against autograd of the fp64
     composition of F.interpolate, F.conv2d and torch.var_mean (Triton: fp32 GEMMs)."""

@@ -1,5 +1,6 @@
 """The fused path of UpsampleConvBlock: upsample×2 → conv3×3 with BatchNorm's batch moments
-(madfast.ops.upsample_conv: in the GEMM epilogue, or by Welford on the "aten" path), then
+(madfast.ops.upsample_conv.upsample_conv_moments: partials in the Triton GEMM's epilogue, Welford on
+the "aten" path, the BN-statistics moments op on "cpp"/"cuda" — never E[y²]−E[y]²), then
 normalise + LeakyReLU in one pass (bn_lrelu), keeping
 nn.BatchNorm2d's semantics (batch statistics and running-stat update in train mode, running
 stats in eval)."""

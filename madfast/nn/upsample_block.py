@@ -19,7 +19,7 @@ class UpsampleConvBlock(nn.Sequential):
     A Sequential with the same children, so its state_dict ("1.weight", "2.running_mean", ...)
     loads into that Sequential and back. With ``backend="triton"``, ``"cuda"`` or ``"cpp"`` (or
     MADFAST_BACKEND) and no conv bias, the block runs the fused kernels of
-    madfast.ops.upsample_conv (no up-sampled tensor in memory, BN sums in the GEMM epilogue,
+    madfast.ops.upsample_conv (no up-sampled tensor in memory, BN moments without E[y²]−E[y]²,
     normalise + LeakyReLU in one pass) with the same train/eval semantics. ``"aten"`` runs ATen's
     own convolution (cuDNN / oneDNN) with everything around it fused: the up-sampled tensor is
     not kept for backward, Welford batch statistics, normalise + LeakyReLU in one pass; its output

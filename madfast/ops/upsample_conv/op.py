@@ -9,8 +9,9 @@ gradient the same GEMM transposed, the input gradient a conv-transpose GEMM chai
 bilinear adjoint per tile of input pixels. "cuda" and "cpp" (``madfast::upsample_conv``, csrc/):
 the same three computations with the sums Σy, Σy², tiled SIMT GEMMs on the GPU and row-at-a-time
 loops on the CPU sharing their per-element math (csrc/upsample_conv.h) — the CUDA ones are kept as
-the oracle that tests/cuda_emulator runs on the CPU, not as a speed path (no tensor cores). Every
-backward folds the gradients of the statistics into grad_y. None is measured on a GPU yet, so
+the oracle that tests/cuda_emulator runs on the CPU, not as a speed path (no tensor cores); BatchNorm's
+moments on these two come from the BN-statistics moments op of the same backend, not from the sums.
+Every backward folds the gradients of the statistics into grad_y. None is measured on a GPU yet, so
 "auto" keeps the torch reference until `madfast check` verifies one (AUTO).
 
 Measured (2-core CPU, torch 2.14.1, fp32, train-mode block fwd+bwd, 2026-11-25): "cpp" runs at
@@ -28,6 +29,7 @@ from madfast import _backend
 from madfast.ops._checks import check_floating, check_same
 from madfast.ops._dtypes import acc_dtype
 from madfast.ops._layout import kernel_memory_format
+from madfast.ops.bn_stats.op import channel_moments
 from madfast.ops.upsample_conv.aten_path import upsample_conv_aten
 from madfast.ops.upsample_conv.reference import torch_upsample_conv
 
@@ -206,16 +208,18 @@ def upsample_conv_moments(x: torch.Tensor, weight: torch.Tensor, *, stats: bool 
                           backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(y, batch mean, biased batch variance) per output channel — what train-mode BatchNorm
     normalises y with; the moments (fp32, fp64 for fp64) are None when ``stats`` is False.
-    "aten" and "triton" take them by Welford / Chan-combined partials; "cpp", "cuda" and "torch"
-    from the sums Σy, Σy² (clamped at 0)."""
+
+    No backend takes the variance as E[y²]−E[y]² (which loses it in fp32 when |mean| ≫ std):
+    "aten" and "triton" by Welford / Chan-combined partials of their own; "cpp" and "cuda" by the
+    same backend's BN-statistics moments op (pivoted partials combined in a fixed order — no float
+    atomics) on y; "torch" by ATen's var_mean."""
     _check(x, weight)
     chosen = _backend.choose("upsample_conv", backend, x.device, auto=auto_order(x.device), dtype=x.dtype)
     if chosen in ("aten", "triton"):
         y, mean, var = _moments_op(chosen)(x, weight, stats)
         return (y, mean, var) if stats else (y, None, None)
-    y, total, total_sq = upsample_conv(x, weight, stats=stats, backend=chosen)
+    y, _, _ = upsample_conv(x, weight, backend=chosen)
     if not stats:
         return y, None, None
-    count = y.numel() // max(y.shape[1], 1)
-    mean = total / count
-    return y, mean, (total_sq / count - mean.square()).clamp_min(0)
+    mean, var = channel_moments(y, backend=chosen)
+    return y, mean, var
