@@ -7,6 +7,10 @@ iteration's FLOPs this gives the issue-bound time against the tensor-core time �
 of the inner loop before any GPU has run it.
 
     python benchmarks/kernel_sass.py        # the generator block's GEMM loops, sm_90 (~1 minute)
+
+`triton_kernels(dtype)` lists every Triton kernel of madfast as its host launches it, and
+`fp64_instructions` counts fp64 arithmetic in SASS: tests/test_fp64_instructions.py holds kernels
+for non-fp64 data to none.
 """
 
 from __future__ import annotations
@@ -90,9 +94,20 @@ def hottest_loop(sass: str) -> LoopMix:
     return best
 
 
+# fp64 arithmetic (the FP64 pipe: half the fp32 rate on an H100, 1/32–1/64 on L4/A10/RTX cards);
+# conversions (F2F) are not counted: loading a scalar kept in fp64, such as EMA's 1 − decay, is fine
+FP64_ARITHMETIC = ("DADD", "DMUL", "DFMA", "DSETP", "DMNMX", "DSET")
+
+
+def fp64_instructions(sass: str) -> int:
+    """How many fp64 arithmetic instructions ``sass`` (nvdisasm or cuobjdump output) holds."""
+    return sum(_opcode(m.group(1)) in FP64_ARITHMETIC
+               for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", sass))
+
+
 # channels_last with Cin, Cout multiples of 16, as the generator runs: unit channel strides, the others
 # and every pointer aligned (what Triton's launch-time specialization sees)
-_ALIGNED = ("x_ptr", "w_ptr", "y_ptr", "gy_ptr", "gx_ptr", "mean_ptr", "m2_ptr", "gsum_ptr", "gsumsq_ptr", "gw_ptr",
+_ALIGNED = ("x_ptr", "w_ptr", "y_ptr", "gy_ptr", "gx_ptr", "mean_ptr", "part_ptr", "gsum_ptr", "gsumsq_ptr", "gw_ptr",
             "Cin", "Cout", "sx_n", "sx_h", "sx_w", "sy_n", "sy_h", "sy_w", "sg_n", "sg_h", "sg_w")
 _UNIT = ("sx_c", "sy_c", "sg_c")
 # H100 SXM dense tensor-core FLOP per SM per clock (989 / 495 TFLOP/s at 1.83 GHz on 132 SMs)
@@ -130,7 +145,7 @@ def block_kernel(kernel: str, dtype, cfg) -> tuple:
     types = {"scale_h": "fp32", "scale_w": "fp32"}
     if kernel == "forward":
         consts = dict(common, STATS=True, TH=K.TH, TW=K.TW, HALO=K.HALO, **cfg.kwargs)
-        types.update(x_ptr=p, w_ptr=p, y_ptr=p, mean_ptr="*fp64", m2_ptr="*fp64")
+        types.update(x_ptr=p, w_ptr=p, y_ptr=p, part_ptr="*fp64" if dtype == torch.float64 else "*fp32")
         return (K._upsample_conv_fwd_kernel, types, consts,
                 {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     common.update(FOLD_SUM=True, FOLD_SUMSQ=True, CENTRED=True)
@@ -144,6 +159,69 @@ def block_kernel(kernel: str, dtype, cfg) -> tuple:
                   BLOCK_CI=cfg["block_ci"], BLOCK_K=cfg["block_k"])
     types.update(gy_ptr=p, w_ptr=p, gx_ptr=p)
     return K._upsample_conv_grad_input_kernel, types, consts, options
+
+
+def triton_kernels(dtype) -> dict[str, tuple]:
+    """Every Triton kernel of madfast as its host code launches it for ``dtype`` inputs (pointer
+    types, float scalars as fp32, constexprs; the block's GEMMs with the tiles picked for a 128→128
+    channel layer on an H100): name → (@triton.jit function, argument types, constexprs, options)."""
+    import triton.language as tl
+
+    from madfast.ops._triton import TL_DTYPES
+    from madfast.ops.bn_stats import triton_kernel as B
+    from madfast.ops.ema import triton_kernel as E
+    from madfast.ops.kl import triton_kernel as KL
+    from madfast.ops.upsample_conv import bilinear_adjoint as BA
+    from madfast.ops.upsample_conv import bn_lrelu as BL
+    from madfast.ops.upsample_conv import triton_kernel as K
+
+    p, a = PTR[dtype], PTR[torch.float64 if dtype == torch.float64 else torch.float32]
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    f32 = "fp32"
+    out = {
+        "block_forward": block_kernel("forward", dtype, K.forward_configs(dtype)[0]),
+        "block_grad_weight": block_kernel("grad_weight", dtype, K.grad_weight_config(dtype, 232448, 128, 128)),
+        "block_grad_input": block_kernel("grad_input", dtype, K.grad_input_config(dtype, 232448, 128)),
+        "bn_lrelu": (BL._bn_lrelu_kernel, dict(y_ptr=p, out_ptr=p, g_ptr=p, gy_ptr=p, scale_ptr=a, shift_ptr=a,
+                                               gscale_ptr=a, gshift_ptr=a, slope=f32),
+                     dict(BACKWARD=True, ACC=acc, BLOCK=BL.BLOCK), {}),
+        "bilinear_adjoint": (BA._bilinear_adjoint_kernel, dict(g_ptr=p, out_ptr=p),
+                             dict(ACC=acc, BLOCK_P=32, BLOCK_C=64), {}),
+        "ema": (E._ema_multi_tensor_kernel, dict(table_ptr="*i64", weight_ptr="*fp64"),
+                dict(EMA_DTYPE=TL_DTYPES[dtype], PARAM_DTYPE=TL_DTYPES[dtype], ACC_DTYPE=acc, BLOCK=E.BLOCK),
+                {"num_warps": 8}),
+        "kl_fwd": (KL._kl_fwd_kernel, dict(s_ptr=p, t_ptr=p, stats_ptr=a, rows_out_ptr=p, inv_tau=f32, tau_sq=f32),
+                   dict(ACC=acc, WRITE_ROWS=False, ROWS=4, BLOCK_C=1024), {}),
+        "l1_fwd": (KL._l1_fwd_kernel, dict(s_ptr=p, t_ptr=p, rows_acc_ptr=a, rows_out_ptr=p),
+                   dict(ACC=acc, WRITE_ROWS=False, ROWS=4, BLOCK_C=1024), {}),
+        "loss_reduce": (KL._reduce_kernel, dict(rows_ptr=a, total_ptr=a, loss_ptr=p, scale=f32, sign=f32,
+                                                bound_hi=f32, bound_lo=f32),
+                        dict(ACC=acc, HAS_BOUND=True, BLOCK=KL.REDUCE_BLOCK), {}),
+        "kl_bwd": (KL._kl_bwd_kernel, dict(s_ptr=p, t_ptr=p, stats_ptr=a, grad_ptr=p, total_ptr=a, gs_ptr=p, gt_ptr=p,
+                                           inv_tau=f32, tau=f32, factor=f32, sign=f32, bound=f32),
+                   dict(ACC=acc, REDUCED=True, HAS_BOUND=True, GRAD_S=True, GRAD_T=True, ROWS=4, BLOCK_C=1024), {}),
+        "l1_bwd": (KL._l1_bwd_kernel, dict(s_ptr=p, t_ptr=p, grad_ptr=p, total_ptr=a, gs_ptr=p, gt_ptr=p, factor=f32,
+                                           sign=f32, bound=f32),
+                   dict(ACC=acc, REDUCED=True, HAS_BOUND=True, GRAD_S=True, GRAD_T=True, ROWS=4, BLOCK_C=1024), {}),
+        "moments_backward_nchw": (B._backward_nchw_kernel, dict(x_ptr=p, out_ptr=p, gm_ptr=a, gv_ptr=a, mean_ptr=a,
+                                                                inv_m=f32), dict(ACC=acc, BLOCK=B.BLOCK), {}),
+        "moments_backward_cl": (B._backward_cl_kernel, dict(x_ptr=p, out_ptr=p, gm_ptr=a, gv_ptr=a, mean_ptr=a,
+                                                            inv_m=f32),
+                                dict(ACC=acc, BLOCK_P=B.BLOCK_P, BLOCK_C=B.BLOCK_C), {}),
+    }
+    # the multi-layer BN kernels, three layers per launch (tuples of pointers)
+    for layout, cl in (("nchw", False), ("cl", True)):
+        consts = dict(NUM=3, CHANNELS_LAST=cl, ACC=acc, BLOCK=B.BLOCK, BLOCK_P=B.BLOCK_P, BLOCK_C=B.BLOCK_C)
+        out[f"moment_partials_{layout}"] = (B._partials_kernel, dict(xs=(p,) * 3, tab_ptr="*i64", part_ptr=a),
+                                            consts, {})
+        out[f"bn_grad_{layout}"] = (B._bn_grad_kernel, dict(xs=(p,) * 3, outs=(p,) * 3, rms=(a,) * 3, rvs=(a,) * 3,
+                                                            tab_ptr="*i64", grad_ptr=a, mean_ptr=a, var_ptr=a,
+                                                            norms_ptr=a), consts, {})
+    for suffix, norms in (("", False), ("_norms", True)):
+        out["moment_finalize" + suffix] = (
+            B._finalize_kernel, dict(tab_ptr="*i64", part_ptr=a, rms=(a,) * 3, rvs=(a,) * 3, mean_ptr=a, var_ptr=a,
+                                     norms_ptr=a), dict(NUM=3, NORMS=norms, ACC=acc, BLOCK_C=B.BLOCK_C), {})
+    return out
 
 
 def _channels_last_loop(kernel: str, dtype, cfg, arch: int) -> LoopMix:

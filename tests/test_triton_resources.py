@@ -17,11 +17,10 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-tl = pytest.importorskip("triton.language")
 from madfast.ops.upsample_conv import triton_kernel as K  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from kernel_sass import PTR, block_kernel, compile_for_gpu  # noqa: E402
+from kernel_sass import block_kernel, compile_for_gpu, triton_kernels  # noqa: E402
 
 # shared memory per block (bytes) an opt-in kernel may use: H100 and A10/RTX 30xx
 LIMITS = {90: 232448, 86: 101376}
@@ -45,23 +44,8 @@ MOMENT_KERNELS = ("moment_partials_nchw", "moment_partials_cl", "bn_grad_nchw", 
 def _moments(dtype) -> dict[str, int]:
     """The BN-moments kernels, three layers per launch (tuples of pointers): reductions, not GEMMs,
     but compiling them for sm_90 here catches what the interpreter accepts and the compiler does not."""
-    from madfast.ops.bn_stats import triton_kernel as B
-
-    acc = tl.float64 if dtype == torch.float64 else tl.float32
-    p, a = PTR[dtype], PTR[torch.float64 if dtype == torch.float64 else torch.float32]
-    out = {}
-    for layout, cl in (("nchw", False), ("cl", True)):
-        consts = dict(NUM=3, CHANNELS_LAST=cl, ACC=acc, BLOCK=B.BLOCK, BLOCK_P=B.BLOCK_P, BLOCK_C=B.BLOCK_C)
-        out[f"moment_partials_{layout}"] = _shared(B._partials_kernel, dict(xs=(p,) * 3, tab_ptr="*i64", part_ptr=a),
-                                                   consts, 90)
-        out[f"bn_grad_{layout}"] = _shared(B._bn_grad_kernel, dict(xs=(p,) * 3, outs=(p,) * 3, rms=(a,) * 3,
-                                                                   rvs=(a,) * 3, tab_ptr="*i64", grad_ptr=a,
-                                                                   mean_ptr=a, var_ptr=a, norms_ptr=a), consts, 90)
-    for suffix, norms in (("", False), ("_norms", True)):
-        out["moment_finalize" + suffix] = _shared(
-            B._finalize_kernel, dict(tab_ptr="*i64", part_ptr=a, rms=(a,) * 3, rvs=(a,) * 3, mean_ptr=a, var_ptr=a,
-                                     norms_ptr=a), dict(NUM=3, NORMS=norms, ACC=acc, BLOCK_C=B.BLOCK_C), 90)
-    return out
+    kernels = triton_kernels(dtype)
+    return {name: _shared(*kernels[name][:3], 90, **kernels[name][3]) for name in MOMENT_KERNELS}
 
 
 def _measure() -> dict[str, int]:

@@ -318,7 +318,9 @@ def test_batch_moments_when_mean_dwarfs_std(device, backend):
     assert (mean64.abs() / var64.sqrt()).min() > 100
     assert mean.dtype == var.dtype == torch.float32
     torch.testing.assert_close(mean.double(), mean64, atol=0, rtol=1e-6)
-    torch.testing.assert_close(var.double(), var64, atol=0, rtol=1e-4)
+    # measured ≤ 1.2e-7 on every backend here (|mean| ≈ 3300·std); moments about an fp32 tile mean
+    # instead of a pivot (the Triton epilogue without it) are off by 1.2e-4
+    torch.testing.assert_close(var.double(), var64, atol=0, rtol=1e-6)
     naive = y.square().mean((0, 2, 3)) - y.mean((0, 2, 3)).square()
     assert ((naive.double() - var64).abs() / var64).max() > 1e-3
     _, s, ss = upsample_conv(x.float(), w.float(), stats=True, backend=backend)

@@ -6,8 +6,9 @@ precision, fp32 accumulation; fp64 in fp64).
 - Forward: a program owns an 8×8 tile of output pixels of one image; per chunk of input channels
   it interpolates the tile's 10×10 up-sampled halo once (four loads along the channels per pixel)
   and reads the nine taps from it as shifted views (tl.gather). The epilogue writes each tile's
-  per-channel mean and Σ(y − mean)², merged by moments.chan_combine in a fixed order into BatchNorm's
-  batch mean and variance (no E[y²]−E[y]² cancellation, no atomics).
+  per-channel pivot (its first value), mean − pivot and Σ(y − mean)² in the accumulation dtype,
+  merged in fp64 by moments.chan_combine in a fixed order into BatchNorm's batch mean and variance
+  (no E[y²]−E[y]² cancellation, no atomics, no fp64 arithmetic in the kernel below fp64 inputs).
 - Weight gradient: the reduction over pixels split over programs, each owning one tap and a run
   of channels, so the bilinear sources are computed per (pixel, tap); partials summed in order.
 - Input gradient: per tile of input pixels, the conv-transpose GEMM over (tap, output channel) for
@@ -90,8 +91,7 @@ def _upsample_conv_fwd_kernel(
     x_ptr,  # (N, Cin, H, W), strides sx_*
     w_ptr,  # (9·Cin, Cout) contiguous: rows (kh, kw, ci)
     y_ptr,  # (N, Cout, OH, OW), strides sy_*
-    mean_ptr, m2_ptr,  # (tiles, Cout) fp64: each tile's mean and Σ(y − mean)² (fp64: a tile mean rounded
-                       # to fp32 would cost ~2⁻²⁴·|mean|/std of the variance when |mean| ≫ std)
+    part_ptr,  # (3, tiles, Cout) ACC: each tile's first value (the pivot), mean − pivot and Σ(y − mean)²
     Cin, H, W, Cout, OH, OW, scale_h, scale_w, tiles_h, tiles_w,
     sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w,
     STATS: tl.constexpr, LOWP: tl.constexpr, FP32_DOT: tl.constexpr, ACC: tl.constexpr,
@@ -139,12 +139,19 @@ def _upsample_conv_fwd_kernel(
     y_off = n * sy_n + co[None, :] * sy_c + (oh * sy_h + ow * sy_w)[:, None]
     keep = m_ok[:, None] & co_ok[None, :]
     tl.store(y_ptr + y_off, out, mask=keep)
-    if STATS:  # BatchNorm's batch statistics of the stored (rounded) values: this tile's partials
-        yv = tl.where(keep, out.to(mean_ptr.dtype.element_ty), 0.0)
-        tile_mean = tl.sum(yv, 0) / tl.sum(m_ok.to(mean_ptr.dtype.element_ty), 0)
-        d = tl.where(keep, yv - tile_mean[None, :], 0.0)
-        tl.store(mean_ptr + pid * Cout + co, tile_mean, mask=co_ok)
-        tl.store(m2_ptr + pid * Cout + co, tl.sum(d * d, 0), mask=co_ok)
+    if STATS:  # BatchNorm's batch statistics of the stored (rounded) values: this tile's partials,
+        # taken about the tile's first pixel (always inside the image) so that they keep the variance
+        # in ACC when |mean| ≫ std — y − pivot is then exact — with no fp64 arithmetic below fp64 inputs
+        yv = out.to(ACC)
+        pivot = tl.sum(tl.where((i == 0)[:, None], yv, 0.0), 0)
+        d = tl.where(keep, yv - pivot[None, :], 0.0)
+        rel_mean = tl.sum(d, 0) / tl.sum(m_ok.to(ACC), 0)
+        e = tl.where(keep, d - rel_mean[None, :], 0.0)
+        tiles = tl.num_programs(0).to(tl.int64)
+        at = part_ptr + pid * Cout + co
+        tl.store(at, pivot, mask=co_ok)
+        tl.store(at + tiles * Cout, rel_mean, mask=co_ok)
+        tl.store(at + 2 * tiles * Cout, tl.sum(e * e, 0), mask=co_ok)
 
 
 def _check_image_size(x: torch.Tensor) -> None:
@@ -504,14 +511,13 @@ def triton_upsample_conv_fwd(x: torch.Tensor, weight: torch.Tensor, stats: bool 
     y = torch.empty((N, Cout, OH, OW), dtype=x.dtype, device=x.device, memory_format=kernel_memory_format(x))
     tiles_h, tiles_w = triton.cdiv(OH, TH), triton.cdiv(OW, TW)
     tiles = N * tiles_h * tiles_w
-    means = torch.zeros((tiles if stats else 0, Cout), dtype=torch.float64, device=x.device)
-    m2s = torch.zeros_like(means)
     acc = acc_dtype(x.dtype)
+    part = torch.empty((3, tiles if stats else 0, Cout), dtype=acc, device=x.device)  # every element written
     if y.numel() == 0:
         return y, y.new_zeros(Cout if stats else 0, dtype=acc), y.new_zeros(Cout if stats else 0, dtype=acc)
     w = weight.permute(2, 3, 1, 0).reshape(9 * Cin, Cout).contiguous()  # rows (kh, kw, ci) as in the loop
     _launch_tuned(_forward_tuner(_precision(x.dtype)), lambda meta: (tiles, triton.cdiv(Cout, meta["BLOCK_N"])),
-                  x, w, y, means, m2s, Cin, H, W, Cout, OH, OW, (H - 1) / (OH - 1), (W - 1) / (OW - 1),
+                  x, w, y, part, Cin, H, W, Cout, OH, OW, (H - 1) / (OH - 1), (W - 1) / (OW - 1),
                   tiles_h, tiles_w, *x.stride(), *y.stride(), STATS=stats, LOWP=_tensor_core_dot(x.dtype),
                   FP32_DOT=fp32_dot_precision(x.dtype), ACC=_acc(x.dtype), TH=TH, TW=TW, HALO=HALO)
     if not stats:
@@ -519,5 +525,7 @@ def triton_upsample_conv_fwd(x: torch.Tensor, weight: torch.Tensor, stats: bool 
     rows = (OH - torch.arange(tiles_h, device=x.device) * TH).clamp_max(TH)  # pixels per tile (edges: fewer)
     cols = (OW - torch.arange(tiles_w, device=x.device) * TW).clamp_max(TW)
     counts = (rows[:, None] * cols[None, :]).flatten().repeat(N)
-    mean, var = chan_combine(counts, means, m2s)
+    # tiles combined in fp64 (pivot + mean − pivot is exact there): (tiles, Cout) values, not per pixel
+    pivot, rel_mean, m2 = part.double()
+    mean, var = chan_combine(counts, pivot + rel_mean, m2)
     return y, mean.to(acc), var.to(acc)
