@@ -440,13 +440,19 @@ def test_bn_stat_losses_bad_input_names_the_layer(backend):
         bn_stat_losses([x, x[0]], [torch.zeros(3)] * 2, [torch.ones(3)] * 2, backend=backend)
     with pytest.raises(ValueError, match="x has 2 tensors but running_mean has 1"):
         bn_stat_losses([x, x], [torch.zeros(3)], [torch.ones(3)], backend=backend)
+    # a meta tensor beside real ones sends the dispatcher to the fake kernel, which used to return
+    # uninitialised values (0.0): it checks the layers too
+    meta = [torch.zeros(3), torch.zeros(3, device="meta")]
+    with pytest.raises(ValueError, match=r"running_mean\[1\] is on meta but x\[1\] is on cpu"):
+        bn_stat_losses([x, x], meta, [torch.ones(3)] * 2, backend=backend)
+    with pytest.raises(ValueError, match="every x must be on one device, got cpu and meta"):
+        bn_stat_losses([x, x.to("meta")], meta, meta, backend=backend)
 
 
-def test_triton_bn_layer_checks_name_the_device():
-    """The device checks (a CPU can only mix cpu and meta, which the dispatcher sends to the fake
-    kernel): on the key the Triton plan validates."""
-    pytest.importorskip("triton")
-    from madfast.ops.bn_stats.triton_kernel import check_layers
+def test_bn_layer_checks_name_the_device():
+    """The device checks across devices a CPU machine does not have: on the key the Triton plan
+    and the fake kernel validate."""
+    from madfast.ops.bn_stats.layers import check_layers
 
     cpu, gpu, shape = torch.device("cpu"), torch.device("cuda", 1), torch.Size([2, 3, 4, 4])
     stat = (torch.float32, torch.Size([3]), cpu)

@@ -17,6 +17,7 @@ from madfast import _backend
 from madfast.ops._checks import check_floating
 from madfast.ops._dtypes import acc_dtype
 from madfast.ops._layout import kernel_memory_format
+from madfast.ops.bn_stats.layers import check_layers, layers_key
 from madfast.ops.bn_stats.reference import torch_bn_stat_loss
 
 __all__ = ["bn_stat_loss", "bn_stat_losses", "channel_moments", "check_bn_args"]
@@ -63,6 +64,7 @@ if _backend.has_kernel("channel_moments", "CPU") or _backend.has_kernel("channel
                                     setup_context=_moments_setup("channel_moments_backward"))
 
 def _fake_bn_losses(xs, running_means, running_vars):
+    check_layers(layers_key(xs, running_means, running_vars, "bn_stat_losses"), "bn_stat_losses")
     acc = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
     x0 = xs[0]
     return (x0.new_empty((), dtype=acc), x0.new_empty((2, sum(x.shape[1] for x in xs)), dtype=acc),

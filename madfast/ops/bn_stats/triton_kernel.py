@@ -41,9 +41,10 @@ import triton.language as tl
 from madfast.ops._dtypes import acc_dtype
 from madfast.ops._layout import kernel_memory_format
 from madfast.ops._triton import TL_DTYPES
+from madfast.ops.bn_stats.layers import check_layers, layer_key, layers_key
 
 __all__ = ["triton_channel_moments", "triton_channel_moments_backward", "triton_bn_stat_losses",
-           "triton_bn_stat_losses_backward", "check_layers", "moments_view", "moment_splits", "MAX_LAYERS"]
+           "triton_bn_stat_losses_backward", "moments_view", "moment_splits", "MAX_LAYERS"]
 
 BLOCK = 1024  # NCHW: elements per chunk
 BLOCK_P, BLOCK_C = 64, 32  # channels_last: positions × channels per tile
@@ -334,27 +335,6 @@ class _Plan:
     acc: torch.dtype
 
 
-def check_layers(key: tuple, op: str) -> None:
-    """madfast::bn_stat_losses's checks (csrc/channel_moments.h), with its messages, on what a plan
-    key records of each layer."""
-    device0 = key[0][2]
-    for i, (dtype, shape, device, _, stats) in enumerate(key):
-        name = f"x[{i}]"
-        if not dtype.is_floating_point:
-            raise TypeError(f"{op}: {name} must be floating, got {dtype}")
-        if len(shape) != 4:
-            raise ValueError(f"{op}: {name} must be 4-D (N, C, H, W), got shape {list(shape)}")
-        for what, (s_dtype, s_shape, s_device) in zip(("running_mean", "running_var"), stats):
-            if not s_dtype.is_floating_point:
-                raise TypeError(f"{op}: {what}[{i}] must be floating, got {s_dtype}")
-            if len(s_shape) != 1 or s_shape[0] != shape[1]:
-                raise ValueError(f"{op}: {what}[{i}] has shape {list(s_shape)} but {name} has {shape[1]} channels")
-            if s_device != device:
-                raise ValueError(f"{op}: {what}[{i}] is on {s_device} but {name} is on {device}")
-        if device != device0:
-            raise ValueError(f"{op}: every x must be on one device, got {device0} and {device}")
-
-
 def _programs(n: int, c: int, hw: int, channels_last: bool, device: torch.device) -> tuple[int, int, int]:
     """(programs, splits per channel group, steps per split) of one layer; a channels_last step is
     counted in positions."""
@@ -394,19 +374,10 @@ def _plan(key: tuple, op: str) -> _Plan:
     return _Plan(table, tuple(launches), parts, cols[-1], acc)
 
 
-def _layer_key(x: torch.Tensor, stats: tuple) -> tuple:
-    return x.dtype, x.shape, x.device, kernel_memory_format(x) == torch.channels_last, stats
-
-
 def _prepared(xs, rms, rvs, op: str):
     """The plan, the inputs readable in place (other layouts copied) and the running statistics in
     the acc dtype; O(1) Python work per layer when the shapes were seen before."""
-    if not xs:
-        raise ValueError(f"{op}: x must hold at least one tensor")
-    if not len(rms) == len(rvs) == len(xs):
-        raise ValueError(f"{op}: x has {len(xs)} tensors but running_mean has {len(rms)} and running_var {len(rvs)}")
-    key = tuple(_layer_key(x, ((m.dtype, m.shape, m.device), (v.dtype, v.shape, v.device)))
-                for x, m, v in zip(xs, rms, rvs))
+    key = layers_key(xs, rms, rvs, op)
     plan = _plan(key, op)
     xs = [x if k[3] or x.is_contiguous() else x.contiguous() for x, k in zip(xs, key)]
     rms, rvs = ([t if t.dtype == plan.acc and t.is_contiguous() else t.to(plan.acc).contiguous() for t in ts]
@@ -482,7 +453,7 @@ def triton_channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     x = moments_view(x)[0]
     acc = acc_dtype(x.dtype)
     stat = (acc, x.shape[1:2], x.device)
-    plan = _plan((_layer_key(x, (stat, stat)),), "channel_moments")
+    plan = _plan((layer_key(x, (stat, stat)),), "channel_moments")
     mean = torch.empty(x.shape[1], dtype=acc, device=x.device)
     var = torch.empty_like(mean)
     _finalize(plan, _partials(plan, [x]), None, None, mean, var, None)
