@@ -152,6 +152,8 @@ def test_bad_input_raises_and_modifies_nothing(device, backend):
         (ValueError, "decay must be in \\[0, 1\\]", (ema, cur, -0.1)),
         (ValueError, "decay must be a float or a 0-d", (ema, cur, torch.ones(2))),
         (TypeError, "decay must be a float", (ema, cur, "0.9")),
+        # a meta decay sends the cpp/cuda op to its fake kernel, which used to update nothing, silently
+        (ValueError, "decay must be on the CPU or on the tensors' device", (ema, cur, torch.tensor(0.5, device="meta"))),
     ]
     if device == "cpu":
         cases.append((ValueError, "device mismatch at index 0", (ema, [cur[0].to("meta"), cur[1]], 0.9)))

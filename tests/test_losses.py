@@ -319,6 +319,20 @@ def test_bad_input(device, backend):
             call()
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_logit_ops_with_a_meta_argument_raise(backend):
+    """Called directly (torch.ops), a meta teacher beside real student logits goes to the fake
+    kernel, which used to return uninitialised values: it checks like the kernels."""
+    skip_unless_available("kl_div_fwd", backend, "cpu")
+    suffix = "_triton" if backend == "triton" else ""
+    kl, l1 = getattr(torch.ops.madfast, "kl_div_fwd" + suffix), getattr(torch.ops.madfast, "l1_fwd" + suffix)
+    s, t = torch.randn(4, 5), torch.randn(4, 5, device="meta")
+    with pytest.raises(ValueError, match="teacher_logits is on meta but student_logits is on cpu"):
+        kl(s, t, 1.0, "batchmean", 1.0, None)
+    with pytest.raises(ValueError, match="teacher_logits is on meta but student_logits is on cpu"):
+        l1(s, t, "batchmean", 1.0, None)
+
+
 BN_SHAPES = [((4, 3, 9, 7), torch.float32, "contiguous"), ((2, 70, 5, 6), torch.float32, "channels_last"),
              ((3, 5, 4, 45), torch.bfloat16, "contiguous"), ((5, 8, 1, 1), torch.float32, "channels_last"),
              ((2, 4, 6, 5), torch.float32, "strided"), ((2, 16, 50, 50), torch.float32, "contiguous")]

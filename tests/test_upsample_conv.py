@@ -3,12 +3,13 @@ and backward, against the torch reference."""
 
 import pytest
 import torch
-
 import torch.nn.functional as F
-
 from conftest import COMPILED_BACKENDS, DEVICES, assert_within, skip_unless_available
+
+from madfast import _backend
 from madfast.ops.upsample_conv import torch_upsample_conv, upsample_conv
 from madfast.ops.upsample_conv.bilinear_adjoint import bilinear_taps, torch_bilinear_adjoint, triton_bilinear_adjoint
+from madfast.ops.upsample_conv.bn_lrelu import bn_lrelu
 from madfast.ops.upsample_conv.moments import torch_channel_moments, triton_channel_moments
 from madfast.ops.upsample_conv.op import upsample_conv_moments
 
@@ -189,8 +190,6 @@ def test_bad_input_to_the_ops_themselves(backend):
 @pytest.mark.parametrize("device,backend", COMPILED_BACKENDS)
 def test_bn_lrelu_matches_reference(device, backend, shape, layout):
     skip_unless_available("upsample_conv", backend, device)
-    from madfast.ops.upsample_conv.bn_lrelu import bn_lrelu
-
     g = torch.Generator().manual_seed(0)
     y = torch.randn(shape, generator=g).to(device)
     if layout == "channels_last":
@@ -224,6 +223,33 @@ def test_bn_lrelu_bad_input():
         torch.ops.madfast.bn_lrelu_backward(y[:1], y, c, c, 0.2)
     with pytest.raises(TypeError, match="grad has dtype"):
         torch.ops.madfast.bn_lrelu_backward(y.double(), y, c, c, 0.2)
+
+
+def test_block_ops_with_a_meta_argument_raise():
+    """Called directly (torch.ops), a meta weight (or BN statistic) beside a real x goes to the fake
+    kernel, which used to return uninitialised values: it checks like the kernels."""
+    x, w = torch.randn(1, 2, 3, 3), torch.randn(4, 2, 3, 3, device="meta")
+    ops = [torch.ops.madfast.upsample_conv_aten]
+    ops += [torch.ops.madfast.upsample_conv_triton] if hasattr(torch.ops.madfast, "upsample_conv_triton") else []
+    ops += [torch.ops.madfast.upsample_conv] if _backend.has_kernel("upsample_conv", "CPU") else []
+    for op in ops:
+        with pytest.raises(ValueError, match="weight is on meta but x is on cpu"):
+            op(x, w, True)
+    y, c = torch.randn(2, 3, 4, 4), torch.ones(3)
+    with pytest.raises(ValueError, match="var is on meta but y is on cpu"):
+        torch.ops.madfast.bn_lrelu_aten(y, c, c.to("meta"), None, None, 1e-5, 0.2, True)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_bn_lrelu_meta_argument_raises(backend):
+    """A meta scale or shift beside a real y sends the dispatcher to the fake kernel, which used to
+    return an uninitialised y: it checks them as the kernels do."""
+    skip_unless_available("bn_lrelu", backend, "cpu")
+    y, c = torch.randn(2, 3, 4, 4), torch.ones(3)
+    with pytest.raises(ValueError, match="scale is on meta but y is on cpu"):
+        bn_lrelu(y, c.to("meta"), c, 0.2, backend)
+    with pytest.raises(ValueError, match="shift is on meta but y is on cpu"):
+        bn_lrelu(y, c, c.to("meta"), 0.2, backend)
 
 
 # ---- the "aten" path's parts: gather-form bilinear adjoint, Welford moments, its ops ----

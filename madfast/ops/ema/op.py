@@ -49,6 +49,10 @@ def check_ema_args(ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.
     """Raises ValueError/TypeError naming the argument; runs before anything is modified (O(n),
     the Python twin of csrc/ema.h check_ema_args)."""
     _check_call(ema_tensors, tensors, decay, None)
+    if (isinstance(decay, torch.Tensor) and len(ema_tensors) and isinstance(ema_tensors[0], torch.Tensor)
+            and decay.device.type != "cpu" and decay.device != ema_tensors[0].device):
+        raise ValueError(f"ema_update_: decay must be on the CPU or on the tensors' device {ema_tensors[0].device}, "
+                         f"got {decay.device}")
     for i, (e, p) in enumerate(zip(ema_tensors, tensors)):
         if not isinstance(e, torch.Tensor) or not isinstance(p, torch.Tensor):
             raise TypeError(f"ema_update_: ema_tensors[{i}] and tensors[{i}] must be tensors")

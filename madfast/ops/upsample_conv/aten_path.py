@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from madfast import _backend
+from madfast.ops._checks import check_same
 from madfast.ops._dtypes import acc_dtype
 from madfast.ops._layout import kernel_memory_format
 from madfast.ops.upsample_conv.bilinear_adjoint import torch_bilinear_adjoint
@@ -49,6 +50,8 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, stats: bool) -> tuple[torch.
 
 @_forward.register_fake
 def _(x, weight, stats):
+    # checked: a meta tensor beside a real one sends the dispatcher to this fake
+    check_same("upsample_conv", "weight", weight, "x", x, shape=False)
     y = torch.empty(_out_shape(x, weight), dtype=x.dtype, device=x.device, memory_format=CL)
     width = weight.shape[0] if stats else 0
     acc = acc_dtype(x.dtype)
@@ -162,6 +165,9 @@ def _bn_lrelu(y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: to
 
 @_bn_lrelu.register_fake
 def _(y, mean, var, weight, bias, eps, negative_slope, batch_stats):
+    for name, t in (("mean", mean), ("var", var), ("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_same("bn_lrelu", name, t, "y", y, shape=False, dtype=False)
     return torch.empty_like(y, memory_format=kernel_memory_format(y))
 
 

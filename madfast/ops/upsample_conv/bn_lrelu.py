@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from madfast import _backend
+from madfast.ops._checks import check_floating, check_same
 from madfast.ops._dtypes import acc_dtype
 from madfast.ops._layout import kernel_memory_format
 
@@ -28,11 +29,24 @@ def _like(y):
     return torch.empty_like(y, memory_format=kernel_memory_format(y))
 
 
+def _check_scale_shift(op: str, y, scale, shift) -> None:
+    """csrc/bn_lrelu.h's checks of scale and shift, in the fakes: a meta tensor beside real ones
+    sends the dispatcher there, which must not hand back an uninitialised y."""
+    check_floating(op, "y", y, ndim=4)
+    for name, t in (("scale", scale), ("shift", shift)):
+        if tuple(t.shape) != (y.shape[1],):
+            raise ValueError(f"{op}: {name} must have shape ({y.shape[1]},), got {list(t.shape)}")
+        check_same(op, name, t, "y", y, shape=False, dtype=False)
+
+
 def _fake_fwd(y, scale, shift, negative_slope):
+    _check_scale_shift("bn_lrelu", y, scale, shift)
     return _like(y)
 
 
 def _fake_bwd(grad, y, scale, shift, negative_slope):  # the (C,) gradients in the accumulation dtype
+    _check_scale_shift("bn_lrelu_backward", y, scale, shift)
+    check_same("bn_lrelu_backward", "grad", grad, "y", y)
     acc = acc_dtype(y.dtype)
     return _like(y), scale.new_empty(scale.shape, dtype=acc), shift.new_empty(shift.shape, dtype=acc)
 
