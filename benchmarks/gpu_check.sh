@@ -64,10 +64,10 @@ step check "$CHECK_S" "$out/check.log" $PYTHON -m madfast check --device cuda --
   --time-budget $((CHECK_S - 40))
 
 # 3. The test suite on the GPU: the kernel tests first, then the rest; not the CPU-only rehearsals
-#    (emulator, CMake, compile-for-sm_90 resource and instruction-mix checks) or the slow trainer runs.
+#    (emulator, CMake, compile-for-sm_90 resource, instruction-mix and fp64 checks) or the slow trainer runs.
 kernel_tests="tests/test_upsample_conv.py tests/test_upsample_block.py tests/test_losses.py tests/test_ema_op.py
   tests/test_fused_ema.py tests/test_loss_modules.py tests/test_generator.py tests/test_build.py"
-other_tests=$(ls tests/test_*.py | grep -v -e test_cuda_emulated -e test_cmake -e test_triton_resources -e test_kernel_sass $(printf ' -e %s' $kernel_tests))
+other_tests=$(ls tests/test_*.py | grep -v -e test_cuda_emulated -e test_cmake -e test_triton_resources -e test_kernel_sass -e test_fp64_instructions $(printf ' -e %s' $kernel_tests))
 # -v: one line per test as it ends, so a run cut by its time limit still names every failure so far.
 step tests "$TEST_S" "$out/pytest.log" $PYTHON -m pytest $kernel_tests $other_tests -v --tb=short -ra -p no:cacheprovider \
   -m "not slow" --durations=10
