@@ -331,6 +331,26 @@ def test_logit_ops_with_a_meta_argument_raise(backend):
         kl(s, t, 1.0, "batchmean", 1.0, None)
     with pytest.raises(ValueError, match="teacher_logits is on meta but student_logits is on cpu"):
         l1(s, t, "batchmean", 1.0, None)
+    # the backward ops, given a meta grad_output beside the forward's real outputs
+    t, g = torch.randn(4, 5), torch.ones((), device="meta")
+    _, stats, total = kl(s, t, 1.0, "batchmean", 1.0, None)
+    kl_bwd = getattr(torch.ops.madfast, "kl_div_bwd" + suffix)
+    with pytest.raises(ValueError, match="grad_output is on meta but student_logits is on cpu"):
+        kl_bwd(g, s, t, stats, total, 1.0, "batchmean", 1.0, None, True, True)
+    _, total = l1(s, t, "batchmean", 1.0, None)
+    with pytest.raises(ValueError, match="grad_output is on meta but student_logits is on cpu"):
+        getattr(torch.ops.madfast, "l1_bwd" + suffix)(g, s, t, total, "batchmean", 1.0, None, True, True)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_bn_backward_op_with_a_meta_argument_raises(backend):
+    skip_unless_available("channel_moments", backend, "cpu")
+    suffix = "_triton" if backend == "triton" else ""
+    x, rm, rv = torch.randn(2, 3, 4, 4), torch.zeros(3), torch.ones(3)
+    _, moments, norms = getattr(torch.ops.madfast, "bn_stat_losses" + suffix)([x], [rm], [rv])
+    with pytest.raises(ValueError, match=r"grad_loss is on meta but x\[0\] is on cpu"):
+        getattr(torch.ops.madfast, "bn_stat_losses_backward" + suffix)(
+            torch.ones((), device="meta"), [x], [rm], [rv], moments, norms)
 
 
 BN_SHAPES = [((4, 3, 9, 7), torch.float32, "contiguous"), ((2, 70, 5, 6), torch.float32, "channels_last"),

@@ -235,9 +235,20 @@ def test_block_ops_with_a_meta_argument_raise():
     for op in ops:
         with pytest.raises(ValueError, match="weight is on meta but x is on cpu"):
             op(x, w, True)
+    x, w, g = torch.randn(1, 2, 3, 3), torch.randn(4, 2, 3, 3), torch.randn(1, 4, 6, 6, device="meta")
+    backward = {"aten": (torch.ops.madfast.upsample_conv_backward_aten, (None,) * 4)}
+    if hasattr(torch.ops.madfast, "upsample_conv_backward_triton"):
+        backward["triton"] = (torch.ops.madfast.upsample_conv_backward_triton, (None,) * 4)
+    if _backend.has_kernel("upsample_conv", "CPU"):
+        backward["cpp"] = (torch.ops.madfast.upsample_conv_backward, (None,) * 3)
+    for op, nones in backward.values():
+        with pytest.raises(ValueError, match="grad_y is on meta but x is on cpu"):
+            op(g, x, w, *nones, True, True)
     y, c = torch.randn(2, 3, 4, 4), torch.ones(3)
     with pytest.raises(ValueError, match="var is on meta but y is on cpu"):
         torch.ops.madfast.bn_lrelu_aten(y, c, c.to("meta"), None, None, 1e-5, 0.2, True)
+    with pytest.raises(ValueError, match="grad is on meta but y is on cpu"):
+        torch.ops.madfast.bn_lrelu_backward_aten(y.to("meta"), y, c, c, None, None, 1e-5, 0.2, True)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])

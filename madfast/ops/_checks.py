@@ -27,6 +27,14 @@ def check_same(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Te
         raise ValueError(f"{op}: {name} has shape {tuple(t.shape)} but {ref_name} has shape {tuple(ref.shape)}")
 
 
+def check_devices(op: str, ref_name: str, ref: torch.Tensor, **tensors) -> None:
+    """Every given tensor (None skipped) on ref's device. Fake kernels check it too: the dispatcher
+    hands them any call with a meta tensor beside real ones, and they must not return garbage."""
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
 def check_positive(op: str, name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")

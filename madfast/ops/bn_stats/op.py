@@ -14,7 +14,7 @@ import importlib.util
 import torch
 
 from madfast import _backend
-from madfast.ops._checks import check_floating
+from madfast.ops._checks import check_devices, check_floating
 from madfast.ops._dtypes import acc_dtype
 from madfast.ops._layout import kernel_memory_format
 from madfast.ops.bn_stats.layers import check_layers, layers_key
@@ -40,6 +40,7 @@ def _fake_moments(x):
 
 
 def _fake_moments_backward(grad_mean, grad_var, x, mean):
+    check_devices("channel_moments_backward", "x", x, grad_mean=grad_mean, grad_var=grad_var, mean=mean)
     return torch.empty_like(x)
 
 
@@ -72,6 +73,8 @@ def _fake_bn_losses(xs, running_means, running_vars):
 
 
 def _fake_bn_losses_backward(grad, xs, running_means, running_vars, moments, norms):
+    check_layers(layers_key(xs, running_means, running_vars, "bn_stat_losses_backward"), "bn_stat_losses_backward")
+    check_devices("bn_stat_losses_backward", "x[0]", xs[0], grad_loss=grad, moments=moments, norms=norms)
     return [torch.empty_like(x, memory_format=kernel_memory_format(x)) for x in xs]
 
 

@@ -14,7 +14,7 @@ import importlib.util
 import torch
 
 from madfast import _backend
-from madfast.ops._checks import check_choice, check_floating, check_positive, check_same
+from madfast.ops._checks import check_choice, check_devices, check_floating, check_positive, check_same
 from madfast.ops._dtypes import acc_dtype
 from madfast.ops.kl.reference import REDUCTIONS, torch_kl_div
 
@@ -54,10 +54,14 @@ def _fake_grads(s, grad_s, grad_t):
 
 
 def _fake_kl_bwd(grad, s, t, stats, total, temperature, reduction, sign, bound, grad_s, grad_t):
+    check_kl_args("kl_div_bwd", s, t, temperature)
+    check_devices("kl_div_bwd", "student_logits", s, grad_output=grad, stats=stats, total=total)
     return _fake_grads(s, grad_s, grad_t)
 
 
 def _fake_l1_bwd(grad, s, t, total, reduction, sign, bound, grad_s, grad_t):
+    check_kl_args("l1_bwd", s, t, 1.0)
+    check_devices("l1_bwd", "student_logits", s, grad_output=grad, total=total)
     return _fake_grads(s, grad_s, grad_t)
 
 

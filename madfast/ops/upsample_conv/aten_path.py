@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from madfast import _backend
-from madfast.ops._checks import check_same
+from madfast.ops._checks import check_devices, check_same
 from madfast.ops._dtypes import acc_dtype
 from madfast.ops._layout import kernel_memory_format
 from madfast.ops.upsample_conv.bilinear_adjoint import torch_bilinear_adjoint
@@ -107,6 +107,8 @@ def _backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, y:
 
 @_backward_op.register_fake
 def _(grad_y, x, weight, y, mean, grad_mean, grad_var, grad_input, grad_weight):
+    check_devices("upsample_conv_backward", "x", x, grad_y=grad_y, weight=weight, y=y, mean=mean,
+                  grad_mean=grad_mean, grad_var=grad_var)
     return (torch.empty_like(x) if grad_input else x.new_empty(0),
             torch.empty_like(weight, memory_format=torch.contiguous_format) if grad_weight else weight.new_empty(0))
 
@@ -165,9 +167,7 @@ def _bn_lrelu(y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: to
 
 @_bn_lrelu.register_fake
 def _(y, mean, var, weight, bias, eps, negative_slope, batch_stats):
-    for name, t in (("mean", mean), ("var", var), ("weight", weight), ("bias", bias)):
-        if t is not None:
-            check_same("bn_lrelu", name, t, "y", y, shape=False, dtype=False)
+    check_devices("bn_lrelu", "y", y, mean=mean, var=var, weight=weight, bias=bias)
     return torch.empty_like(y, memory_format=kernel_memory_format(y))
 
 
@@ -197,6 +197,7 @@ def _bn_lrelu_backward(grad: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, 
 
 @_bn_lrelu_backward.register_fake
 def _(grad, y, mean, var, weight, bias, eps, negative_slope, batch_stats):
+    check_devices("bn_lrelu_backward", "y", y, grad=grad, mean=mean, var=var, weight=weight, bias=bias)
     acc = acc_dtype(y.dtype)
     return (torch.empty_like(y, memory_format=kernel_memory_format(y)), y.new_empty(y.shape[1], dtype=acc),
             y.new_empty(y.shape[1], dtype=acc))

@@ -26,7 +26,7 @@ import importlib.util
 import torch
 
 from madfast import _backend
-from madfast.ops._checks import check_floating, check_same
+from madfast.ops._checks import check_devices, check_floating, check_same
 from madfast.ops._dtypes import acc_dtype
 from madfast.ops._layout import kernel_memory_format
 from madfast.ops.upsample_conv.aten_path import upsample_conv_aten
@@ -78,6 +78,8 @@ def _fake(x, weight, stats):
 
 
 def _fake_backward(grad_y, x, weight, y, grad_sum, grad_sumsq, grad_input, grad_weight):
+    check_devices("upsample_conv_backward", "x", x, grad_y=grad_y, weight=weight, y=y, grad_sum=grad_sum,
+                  grad_sumsq=grad_sumsq)
     return (torch.empty_like(x) if grad_input else x.new_empty(0),
             torch.empty_like(weight) if grad_weight else weight.new_empty(0))
 
@@ -151,6 +153,7 @@ if importlib.util.find_spec("triton") is not None:
         return (g_x if ctx.needs_input_grad[0] else None), (g_w if ctx.needs_input_grad[1] else None), None
 
     def _fake_backward_triton(grad_y, x, weight, y, mean, grad_mean, grad_var, grad_input, grad_weight):
+        check_devices("upsample_conv_backward", "x", x, mean=mean)
         return _fake_backward(grad_y, x, weight, y, grad_mean, grad_var, grad_input, grad_weight)
 
     _upsample_conv_triton.register_fake(_fake)
