@@ -77,11 +77,14 @@ def _fake(x, weight, stats):
     return y, x.new_empty(width, dtype=acc), x.new_empty(width, dtype=acc)
 
 
-def _fake_backward(grad_y, x, weight, y, grad_sum, grad_sumsq, grad_input, grad_weight):
-    check_devices("upsample_conv_backward", "x", x, grad_y=grad_y, weight=weight, y=y, grad_sum=grad_sum,
-                  grad_sumsq=grad_sumsq)
+def _grad_buffers(x, weight, grad_input, grad_weight):
     return (torch.empty_like(x) if grad_input else x.new_empty(0),
             torch.empty_like(weight) if grad_weight else weight.new_empty(0))
+
+
+def _fake_backward(grad_y, x, weight, y, grad_sum, grad_sumsq, grad_input, grad_weight):
+    _check_backward(grad_y, x, weight, y, grad_sum, grad_sumsq)  # a meta argument beside real ones lands here
+    return _grad_buffers(x, weight, grad_input, grad_weight)
 
 
 def _setup(backward_op: str):
@@ -153,8 +156,9 @@ if importlib.util.find_spec("triton") is not None:
         return (g_x if ctx.needs_input_grad[0] else None), (g_w if ctx.needs_input_grad[1] else None), None
 
     def _fake_backward_triton(grad_y, x, weight, y, mean, grad_mean, grad_var, grad_input, grad_weight):
+        _check_backward(grad_y, x, weight, y, grad_mean, grad_var, names=("grad_mean", "grad_var"))
         check_devices("upsample_conv_backward", "x", x, mean=mean)
-        return _fake_backward(grad_y, x, weight, y, grad_mean, grad_var, grad_input, grad_weight)
+        return _grad_buffers(x, weight, grad_input, grad_weight)
 
     _upsample_conv_triton.register_fake(_fake)
     _upsample_conv_triton.register_autograd(_backward_triton, setup_context=_setup_triton)
@@ -222,13 +226,11 @@ def upsample_conv_moments(x: torch.Tensor, weight: torch.Tensor, *, stats: bool 
     if chosen in ("aten", "triton"):
         y, mean, var = _moments_op(chosen)(x, weight, stats)
         return (y, mean, var) if stats else (y, None, None)
-    y, _, _ = upsample_conv(x, weight, backend=chosen)
-    if not stats:
-        return y, None, None
-    # the op itself, not bn_stats.channel_moments: the block's backend is chosen (and verified) as
-    # upsample_conv's, and `madfast check` must not credit the block's time to channel_moments
+    # the ops themselves (x checked, backend chosen above); channel_moments not through bn_stats'
+    # front end: the block's backend is chosen (and verified) as upsample_conv's, and `madfast check`
+    # must not credit the block's time to channel_moments
     if chosen == "torch":
-        mean, var = torch_channel_moments(y)
-    else:
-        mean, var = _backend.compiled_op("channel_moments", chosen)(y)
-    return y, mean, var
+        y = torch_upsample_conv(x, weight)
+        return (y, *torch_channel_moments(y)) if stats else (y, None, None)
+    y = _backend.compiled_op("upsample_conv", chosen)(x, weight, False)[0]
+    return (y, *_backend.compiled_op("channel_moments", chosen)(y)) if stats else (y, None, None)
