@@ -100,7 +100,7 @@ def _auto_allows(op: str, candidate: str, device: torch.device, dtype: torch.dty
 
 # GPU kernels that add floats with atomics (the result's last bits depend on scheduling), and how.
 NONDETERMINISTIC = {
-    ("upsample_conv", "cuda"): "atomicAdd for the BN sums and the weight gradient",
+    ("upsample_conv", "cuda"): "atomicAdd for the weight gradient (and the sums of stats=True)",
     ("bn_lrelu", "cuda"): "atomicAdd for the scale and shift gradients",
     ("bn_lrelu", "triton"): "tl.atomic_add for the scale and shift gradients",
 }

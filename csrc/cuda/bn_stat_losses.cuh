@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../channel_moments.h"
@@ -300,10 +301,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_gpu(at::TensorList xs, at
     acc_t* part_ptr = part.data_ptr<acc_t>();
     for (auto& [dtype, which] : p.by_dtype()) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bn_stat_partials_cuda", [&] {
-        for_each_launch(p.table, which, [&](const Table& t, int64_t blocks) {
-          launch(&partials_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), t, part_ptr,
-                 part.size(1));
-        });
+        // acc is fp64 whenever a layer is: fp64 data with fp32 accumulation is never launched, so
+        // it is not instantiated either
+        if constexpr (std::is_same_v<scalar_t, double> && !std::is_same_v<acc_t, double>) {
+          TORCH_INTERNAL_ASSERT(false, "bn_stat_losses: fp64 input with fp32 accumulation");
+        } else {
+          for_each_launch(p.table, which, [&](const Table& t, int64_t blocks) {
+            launch(&partials_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), t, part_ptr,
+                   part.size(1));
+          });
+        }
       });
     }
     for (size_t i = 0; i < p.table.size(); i += kMaxLayers) {  // every layer, C = 0 ones too (their norms)
