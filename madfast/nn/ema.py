@@ -78,7 +78,8 @@ class FusedEMA(nn.Module):
     With ``stochastic_rounding`` (default, as timm) bf16 EMA tensors -- and, unlike timm, which
     rounds them to nearest, fp16 ones -- are rounded stochastically, with random bits hashed from
     (``stochastic_rounding_seed``, update count, tensor, element): reproducible, identical on every
-    rank. ``foreach`` is accepted for compatibility; the update is always fused.
+    rank (under torch.compile or CUDA-graph replay the count is fixed when traced/captured, so the
+    bits repeat from update to update there). ``foreach`` is accepted for compatibility; the update is always fused.
 
     The lists of tensors are collected once per model and reused: Python work per update is O(1).
     They are collected again when a module anywhere assigns a parameter, buffer or submodule
