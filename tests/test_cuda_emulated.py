@@ -24,7 +24,8 @@ def emulated():
     # torch caches JIT builds by name and sources, not by torch version: one name per version, so a
     # second torch on the machine (same Python, same CUDA) builds its own instead of loading a stale one
     version = "".join(c if c.isalnum() else "_" for c in torch.__version__)
-    return load(name=f"madfast_cuda_emulated_{version}", sources=[os.path.join(ROOT, "tests/cuda_emulator/kernels_emulated.cpp")],
+    return load(name=f"madfast_cuda_emulated_{version}",
+                sources=[os.path.join(ROOT, "tests/cuda_emulator/kernels_emulated.cpp")],
                 extra_include_paths=[os.path.join(ROOT, "tests/cuda_emulator"), os.path.join(ROOT, "csrc")],
                 extra_cflags=["-O1"], verbose=False)
 
