@@ -130,7 +130,7 @@ def _with_file(args) -> dict:
 
 
 def _cmd_demo(args) -> int:
-    from madfast.train.demo import run_demo
+    from madfast.train.demo import PASS_RATIO, run_demo
 
     out = args.out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
     if args.steps is not None and args.steps < 1:
@@ -143,6 +143,10 @@ def _cmd_demo(args) -> int:
     m = run_demo(out, seed=args.seed, progress=args.progress, distill_overrides=overrides)
     print(f"teacher test accuracy {m['teacher_acc']:.2f}%  student test accuracy {m['student_acc']:.2f}%  "
           f"ratio {m['ratio']:.3f}  ({m['seconds']:.0f} s)  → {out}/metrics.json, samples.png, curves.png")
+    if not m["passed"]:
+        print(f"madfast demo: failed: the student reached {m['ratio']:.3f} of the teacher's accuracy, "
+              f"below {PASS_RATIO:.2f}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,6 +1,16 @@
+import getpass
 import os
+import tempfile
 
 import torch
+
+# Inductor's on-disk cache is not keyed by ATEN_CPU_CAPABILITY: code compiled under one capability and
+# loaded under another segfaulted (an AVX-512 cache run with ATEN_CPU_CAPABILITY=avx2). The suite is run
+# under several capabilities to stand in for other CPUs, so each gets its own cache.
+_capability = os.environ.get("ATEN_CPU_CAPABILITY")
+if _capability:
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{_capability}"))
 
 # Without a GPU, Triton kernels run on CPU tensors in the interpreter; this must be set
 # before triton.jit wraps the kernels, i.e. before madfast is imported.

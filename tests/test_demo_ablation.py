@@ -75,3 +75,15 @@ def test_run_ablation_rejects_unknown_shift(tmp_path):
 def test_bad_seeds_are_a_usage_error(seeds, capsys, tmp_path):
     assert main(["demo", "--ablation", "--seeds", seeds, "--out", str(tmp_path)]) == 2
     assert "--seeds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ratio,code", [(0.95, 0), (0.90, 0), (0.899, 1)])
+def test_demo_exit_status_is_its_pass_condition(monkeypatch, tmp_path, capsys, ratio, code):
+    """`madfast demo` fails (exit 1, one line naming the ratio) when the student is below 0.90 of the teacher."""
+    def fake_run_demo(out, seed=0, progress=True, distill_overrides=None):
+        return {"teacher_acc": 100.0, "student_acc": 100.0 * ratio, "ratio": ratio, "seconds": 1.0,
+                "passed": ratio >= demo.PASS_RATIO}
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    assert main(["demo", "--no-progress", "--out", str(tmp_path)]) == code
+    err = capsys.readouterr().err
+    assert (f"reached {ratio:.3f} of the teacher" in err) == bool(code)

@@ -1,5 +1,6 @@
 """The MAD trainer: real learning, MAD vs --no-ema, exact resume, NaN stop, config round trip."""
 
+import copy
 import json
 import os
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from madfast.train import DistillConfig, NonFiniteLossError, config_from_dict, distill
+from madfast.train import checkpoint as ckpt
 from madfast.train.checkpoint import latest_checkpoint, load_checkpoint
 from madfast.train.demo import run_demo
 from madfast.train.logger import read_metrics
@@ -30,7 +32,8 @@ def test_demo_at_tiny_scale_really_learns(tmp_path):
     # sign, wrong decay, ...) also learn digits, so tests/test_mad_semantics.py is what catches them.
     assert m["student_acc"] > 75, m
     saved = json.load(open(tmp_path / "metrics.json"))
-    assert {"teacher_acc", "student_acc", "ratio", "seconds"} <= set(saved)
+    assert {"teacher_acc", "student_acc", "ratio", "seconds", "passed"} <= set(saved)
+    assert saved["passed"] == (saved["ratio"] >= 0.90)
     assert saved["ratio"] == pytest.approx(m["student_acc"] / m["teacher_acc"])
     for png in ("samples.png", "curves.png"):
         assert (tmp_path / png).stat().st_size > 1000
@@ -128,25 +131,78 @@ def test_options_run(teacher, tmp_path, options):
     assert s["finished"] and s["student_acc"] is not None
 
 
+_ITERATION = MADTask.iteration  # unwrapped, for tests that wrap it more than once
+
+
+def _iterations(monkeypatch, start_from: list[dict] | None = None) -> list[dict]:
+    """Wraps MADTask.iteration to record, per iteration, the state it starts from, its losses and the
+    state it leaves. Given ``start_from`` (another run's record), each iteration first loads that
+    run's starting state: both runs then take every step from the same weights, optimiser moments
+    and noise, and differ only by that one iteration's rounding."""
+    record: list[dict] = []
+    original = _ITERATION
+
+    def snapshot(task: MADTask) -> dict:
+        return copy.deepcopy({"task": task.state_dict(), "noise": task.noise.get_state(), "rng": ckpt.rng_state()})
+
+    def iteration(self, step):
+        if start_from is not None:
+            state = start_from[step]["before"]
+            self.load_state_dict(copy.deepcopy(state["task"]))
+            self.noise.set_state(state["noise"])
+            ckpt.set_rng_state(state["rng"])
+        before = snapshot(self)
+        losses = original(self, step)
+        record.append({"before": before, "losses": {k: v.item() for k, v in losses.items()},
+                       "after": snapshot(self)})
+        return losses
+
+    monkeypatch.setattr(MADTask, "iteration", iteration)
+    return record
+
+
+def _flat(net: dict) -> torch.Tensor:
+    return torch.cat([v.double().flatten() for v in net.values() if v.is_floating_point()])
+
+
+# One iteration from the same state: compiled and eager differ by the rounding of reordered fp32
+# reductions and fused element-wise kernels, plus the optimisers' response to it within the iteration
+# (a G step, the EMA, two student steps). Adam's first step, lr·g/(|g| + eps), turns a rounding-sized
+# change of a near-zero gradient component into up to 2·lr: one such component moves the student's
+# update by 2/sqrt(24282) = 1.3e-2 of its norm. Measured on a 2-core AVX-512 CPU, default and
+# ATEN_CPU_CAPABILITY=avx2: losses within 5.1e-6 relative, updates within 4.1e-3 of their norm (the
+# student's first step; every other update within 6e-5). The bounds leave 200x / 12x for other CPUs.
+# Planted under compile only, each fails them: the BN prior detached (G's update off by 0.16, the next
+# s_loss by 1.2e-2), zeroed (g_loss off by 0.72), the λ1·KL(G̃) term dropped (s_loss off by 0.51).
+LOSS_RTOL, LOSS_ATOL, UPDATE_RTOL = 1e-3, 1e-6, 5e-2
+
+
 @pytest.mark.slow
-def test_compile_option_runs_and_learns_like_eager(teacher, tmp_path):
-    """--compile: teacher, student and generator under torch.compile (inductor on CPU)."""
+def test_compile_option_runs_and_learns_like_eager(teacher, tmp_path, monkeypatch):
+    """--compile (inductor on CPU) computes each iteration as eager does.
+
+    Whole trajectories cannot be compared across compilers: the adversarial game amplifies a
+    last-bit difference step by step (a bound measured over 6 steps on one CPU failed on another).
+    So each compiled iteration starts from the eager run's state before that iteration, and its
+    losses and weight updates are compared with the eager iteration's."""
     torch._dynamo.reset()
-    compiled = distill(tiny_config(teacher, tmp_path / "compiled", compile=True))
+    eager = _iterations(monkeypatch)
     distill(tiny_config(teacher, tmp_path / "eager"))
+    compiled_record = _iterations(monkeypatch, start_from=eager)
+    compiled = distill(tiny_config(teacher, tmp_path / "compiled", compile=True))
     assert compiled["finished"] and compiled["student_acc"] is not None
-    # Same seeds, same codes: inductor's kernels only round differently. Measured over these 6 steps:
-    # logged losses within 5e-7 relative, weights within 1.2e-5. A compiled path that drops the BN
-    # prior's hooks, or any term, is off by whole units.
-    rows_c = read_metrics(os.path.join(tmp_path, "compiled", "metrics.csv"))
-    rows_e = read_metrics(os.path.join(tmp_path, "eager", "metrics.csv"))
-    assert len(rows_c) == len(rows_e) == 6
-    for a, b in zip(rows_c, rows_e):
-        for k in LOSS_COLUMNS:
-            if b[k] != "":
-                assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-4), (b["step"], k)
-    a, b = load_checkpoint(str(tmp_path / "compiled")), load_checkpoint(str(tmp_path / "eager"))
-    for name in ("student", "generator"):
-        for k, v in b["task"][name].items():
-            if v.is_floating_point():
-                torch.testing.assert_close(a["task"][name][k], v, rtol=0, atol=1e-3, msg=f"{name}.{k}")
+    assert len(compiled_record) == len(eager) == 6
+    for step, (c, e) in enumerate(zip(compiled_record, eager)):
+        assert c["losses"].keys() == e["losses"].keys(), step
+        for k, want in e["losses"].items():
+            assert c["losses"][k] == pytest.approx(want, rel=LOSS_RTOL, abs=LOSS_ATOL), (step, k)
+        for name in ("student", "generator", "ema"):
+            if e["after"]["task"][name] is None:
+                continue
+            start = _flat(e["before"]["task"][name])
+            update = _flat(e["after"]["task"][name]) - start
+            if update.norm() == 0:  # the student during G's pre-training, G̃ before it starts
+                assert torch.equal(_flat(c["after"]["task"][name]), start + update), (step, name)
+                continue
+            diff = (_flat(c["after"]["task"][name]) - start - update).norm() / update.norm()
+            assert diff <= UPDATE_RTOL, (step, name, diff.item())

@@ -16,7 +16,12 @@ from dataclasses import replace
 from madfast.train.config import DistillConfig, TeacherConfig
 from madfast.train.loop import distill, train_teacher
 
-__all__ = ["run_demo", "demo_configs", "run_ablation", "ABLATIONS", "SHIFTS", "format_ablation"]
+__all__ = ["run_demo", "demo_configs", "PASS_RATIO", "run_ablation", "ABLATIONS", "SHIFTS", "format_ablation"]
+
+
+# The demo passes when the student reaches this fraction of the teacher's test accuracy: well below
+# what every seed and CPU we tried reached (docs/demo.md), well above a student that did not learn.
+PASS_RATIO = 0.90
 
 
 def demo_configs(out: str, seed: int = 0) -> tuple[TeacherConfig, DistillConfig]:
@@ -43,6 +48,7 @@ def run_demo(out: str, seed: int = 0, progress: bool = True, teacher_overrides: 
                "ratio": run["student_acc"] / teacher["test_acc"], "seconds": time.perf_counter() - t0,
                "teacher_seconds": teacher["seconds"], "distill_seconds": run["seconds"], "seed": seed,
                "steps": distill_cfg.g_pretrain_steps + distill_cfg.steps}
+    metrics["passed"] = metrics["ratio"] >= PASS_RATIO
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     return metrics
