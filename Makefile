@@ -1,6 +1,6 @@
 # The two commands of the README: `make demo` (the main job) and `make test`.
 # Both build a virtual environment in .venv from nothing: torch (the CUDA 13 build, so that
-# the CUDA kernels compile here even without a GPU), the test/bench extras, then madfast
+# the CUDA kernels compile here even without a GPU), the train/test/bench extras, then madfast
 # itself with its C++/CUDA extension.
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,7 +14,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(TORCH_SPEC) ninja cmake
-	$(PY) -m pip install --no-build-isolation -e ".[test,bench]"
+	$(PY) -m pip install --no-build-isolation -e ".[train,test,bench]"
 	touch $@
 
 install: $(STAMP)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from madfast._extras import require
+
 __all__ = ["write_report"]
 
 
@@ -32,10 +34,8 @@ def write_report(json_path: str, md_path: str, png_path: str) -> None:
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    require("matplotlib", "the benchmark chart").use("Agg")
+    plt = require("matplotlib.pyplot", "the benchmark chart")
 
     shown = [r for r in rows if r["speedup"] is not None]
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(shown) + 2), 4))

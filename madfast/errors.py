@@ -1,6 +1,6 @@
 """Errors that mean "bad input from the user": the CLI prints them as one line and exits non-zero."""
 
-__all__ = ["UsageError", "DataError", "CheckpointError"]
+__all__ = ["UsageError", "DataError", "CheckpointError", "MissingExtraError"]
 
 
 class UsageError(ValueError):
@@ -13,3 +13,7 @@ class DataError(UsageError):
 
 class CheckpointError(UsageError):
     """A checkpoint is missing, unreadable or does not fit the requested model."""
+
+
+class MissingExtraError(UsageError, ImportError):
+    """An optional dependency is not installed; the message names the extra that provides it."""

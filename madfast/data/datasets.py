@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
+from madfast._extras import require
 from madfast.data.digits import digits_dataset
 from madfast.errors import DataError
 
@@ -92,7 +93,7 @@ def folder_index(dataset: Dataset):
 
 def _listed_image_folder(root: str, index, transform):
     """An ImageFolder over a known (classes, samples) list: no directory scan."""
-    from torchvision import datasets
+    datasets = require("torchvision.datasets", "ImageFolder data sets")
 
     class ListedImageFolder(datasets.ImageFolder):
         def find_classes(self, directory):
@@ -118,7 +119,8 @@ def build_dataset(name: str, split: str, data_dir: str | None = None, img_size: 
     info = dataset_info(name, data_dir, img_size)
     if name == "digits":
         return digits_dataset(split, info.img_size)
-    from torchvision import datasets, transforms as T
+    datasets = require("torchvision.datasets", f"the {name} data set")
+    T = require("torchvision.transforms", f"the {name} data set")
 
     if name in ("cifar10", "cifar100"):
         root = _require_dir(name, data_dir)

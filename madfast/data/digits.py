@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from madfast._extras import require
+
 __all__ = ["digits_dataset", "DIGITS_TEST_FRACTION"]
 
 DIGITS_TEST_FRACTION = 0.25  # fixed stratified split, random_state 0
@@ -14,10 +16,10 @@ DIGITS_TEST_FRACTION = 0.25  # fixed stratified split, random_state 0
 def digits_dataset(split: str, img_size: int = 16) -> TensorDataset:
     """(images, labels): 1×img_size×img_size floats in [0, 1] (bilinear upsampling of the 8×8
     originals, values 0–16), 1347 train / 450 test images of 10 classes."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    sklearn_datasets = require("sklearn.datasets", "the digits data set")
+    train_test_split = require("sklearn.model_selection", "the digits data set").train_test_split
 
-    digits = load_digits()
+    digits = sklearn_datasets.load_digits()
     idx_train, idx_test = train_test_split(range(len(digits.target)), test_size=DIGITS_TEST_FRACTION,
                                            stratify=digits.target, random_state=0)
     idx = idx_train if split == "train" else idx_test

@@ -14,6 +14,7 @@ import warnings
 import torch
 from torch import nn
 
+from madfast._extras import require
 from madfast.errors import CheckpointError
 
 __all__ = ["load_teacher_weights", "extract_state_dict", "CMI_KEY_MAPS", "torchvision_weights_path",
@@ -39,7 +40,7 @@ CMI_KEY_MAPS: dict[str, list[tuple[str, str]]] = {
 
 def torchvision_weights_path(spec: str, name: str) -> str:
     """``torchvision:WEIGHTS`` → the local file of ``name``'s weights enum member WEIGHTS (never fetched)."""
-    import torchvision
+    torchvision = require("torchvision", f"teacher weights {spec!r}")
 
     tag = spec.split(":", 1)[1] or "DEFAULT"
     try:

@@ -7,6 +7,7 @@ from typing import Callable
 
 from torch import nn
 
+from madfast._extras import require
 from madfast.errors import UsageError
 from madfast.models.cifar_resnet import cifar_resnet18, cifar_resnet34
 from madfast.models.small_cnn import SmallCNN
@@ -44,11 +45,10 @@ def build_model(name: str, num_classes: int, channels: int = 3) -> nn.Module:
     downloaded) and take 3-channel input."""
     if name in MODELS:
         return MODELS[name](num_classes=num_classes, channels=channels)
+    torchvision = require("torchvision", f"model {name!r} (not one of madfast's {', '.join(MODELS)})")
     if name in _torchvision_names():
         if channels != 3:
             raise UsageError(f"model {name!r} (torchvision) takes 3-channel images, the data has {channels}")
-        import torchvision
-
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     raise UsageError(f"unknown model {name!r}: choose one of {', '.join(MODELS)} "
                      "or a torchvision.models classification name (e.g. resnet18, resnet50)")

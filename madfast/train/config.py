@@ -14,6 +14,7 @@ import os
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+from madfast._extras import require
 from madfast.errors import UsageError
 
 __all__ = ["DistillConfig", "TeacherConfig", "config_from_dict", "load_config_file", "add_config_args",
@@ -215,9 +216,7 @@ def load_config_file(path: str) -> dict:
     try:
         with open(path) as f:
             if path.endswith((".yaml", ".yml")):
-                import yaml
-
-                values = yaml.safe_load(f) or {}
+                values = require("yaml", "a YAML --config file").safe_load(f) or {}
             else:
                 values = json.load(f)
     except Exception as e:  # yaml/json parse errors have no common base
@@ -256,7 +255,7 @@ def config_to_dict(cfg) -> dict:
 def format_config(cfg, preset: str | None = None, file: dict | None = None, args: argparse.Namespace | None = None) -> str:
     """The resolved config as YAML (loadable with --config), each line commented with where its value
     came from: flag, file, preset NAME [paper|reported|practice|ours], or default."""
-    import yaml
+    yaml = require("yaml", "--print-config")
 
     from madfast.train.presets import preset_sources
 

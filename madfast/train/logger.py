@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import os
 
+from madfast._extras import require
+
 __all__ = ["RunLogger", "read_metrics"]
 
 
@@ -22,6 +24,7 @@ class RunLogger:
         self._csv.writerows(kept)
         self._tb = None
         if tensorboard:
+            require("tensorboard", "TensorBoard logging (--no-tensorboard turns it off)")
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(out, "tb"), purge_step=start_step + 1 if start_step else None)

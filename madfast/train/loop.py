@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
+from madfast._extras import require
 from madfast.data import Normalize, build_dataset, dataset_info, folder_index
 from madfast.errors import CheckpointError, UsageError
 from madfast.models import Generator, build_model
@@ -40,8 +41,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 def _progress(total: int, initial: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
+    tqdm = require("tqdm.auto", "the progress bar").tqdm
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
 
 

@@ -7,6 +7,7 @@ import copy
 
 import torch
 
+from madfast._extras import require
 from madfast.train.logger import read_metrics
 from madfast.train.task import MADTask
 
@@ -14,12 +15,8 @@ __all__ = ["save_sample_grid", "save_curves", "grid_classes"]
 
 
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
+    require("matplotlib", "curves.png").use("Agg")  # files only, no display
+    return require("matplotlib.pyplot", "curves.png")
 
 
 def grid_classes(num_classes: int, max_classes: int = 16) -> torch.Tensor:
@@ -34,7 +31,8 @@ def save_sample_grid(task: MADTask, path: str, per_class: int = 4, seed: int = 0
     """One row per class (at most ``max_classes``, chosen evenly), ``per_class`` samples of G, then
     as many of G̃ (when kept). Copies are sampled ``chunk`` images per forward, so that the run's
     generators (and their BN statistics) are untouched and 1000 classes at 224 px fit in memory."""
-    from torchvision.utils import make_grid, save_image
+    utils = require("torchvision.utils", "samples.png")
+    make_grid, save_image = utils.make_grid, utils.save_image
 
     gens = [task.g_raw] + ([task.ema.module] if task.ema is not None else [])
     y = grid_classes(task.g_raw.num_classes, max_classes).repeat_interleave(per_class)
