@@ -3,6 +3,9 @@ result equals an uninterrupted run bit for bit (CPU). Also keep-K, and a corrupt
 
 The mid-write kill uses checkpoint.py's test-only MADFAST_TEST_CKPT_PAUSE hook: the named file's
 write stops half-way and says so on stderr, and the test kills the process there.
+
+Bit-exact on any CPU: the reference and the resumed run are processes of one machine started with
+one environment (one thread each), so they execute the same kernels in the same order.
 """
 
 import os

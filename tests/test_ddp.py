@@ -35,7 +35,8 @@ def _torchrun(args, timeout=300):
 @pytest.mark.slow
 def test_two_process_resume_is_exact(tmp_path):
     """2 ranks stopped after 2 iterations and resumed == 2 ranks uninterrupted, bit for bit: every
-    rank's noise stream and RNG come back from the checkpoint."""
+    rank's noise stream and RNG come back from the checkpoint. Exact on any CPU: both runs are
+    torchrun jobs of one machine and environment (one thread per rank), the same kernels."""
     teacher = tiny_teacher(tmp_path / "teacher")
     run = ["--dataset", "digits", "--teacher", "small_cnn", "--teacher-ckpt", teacher, "--student", "small_cnn_half",
            "--nz", "16", "--ngf", "8", "--batch-size", "16", "--steps", "3", "--g-pretrain-steps", "1",

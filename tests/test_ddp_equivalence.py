@@ -97,6 +97,8 @@ def _max_difference(a: dict, b: dict, buffers: bool = True) -> float:
                if a[k].is_floating_point() and (buffers or "running_" not in k))
 
 
+# Why these hold on any CPU: the runs are fp64, so a CPU's vector width only reorders fp64 sums
+# (~1e-16 relative); over 3 iterations that stays far below a bound set by the size of one step.
 # Weights: fp64 summation order (observed < 1e-12); a one-step change of one weight is ~lr = 1e-3..2e-3
 # (Adam), so 1e-9 separates rounding from a bug. Losses: the trainer computes them from fp32 logits
 # (``.float()``), so the half-batch means differ from the whole batch's by fp32 rounding: 1e-6 relative.
