@@ -1,5 +1,6 @@
-"""Shared benchmark harness: device choice, GPU-synchronised timing, versions in the JSON, and
-ratios against the eager baseline measured in the same run."""
+"""Shared benchmark harness: device choice, the timing rule of madfast.check.timing (warm-up, then
+runs that end when the device has finished) under pytest-benchmark's timer, versions in the JSON,
+and ratios against the eager baseline measured in the same run."""
 
 from __future__ import annotations
 
@@ -24,11 +25,6 @@ def device(request) -> torch.device:
     return torch.device(request.config.getoption("--bench-device"))
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def madfast_backend(provider: str, op: str, device: torch.device, request) -> str:
     """The backend a "madfast_<backend>" provider names ("torch" for the others). Skips the benchmark
     when that backend cannot run ``op`` on ``device``, or would be the Triton CPU interpreter (unless
@@ -39,7 +35,7 @@ def madfast_backend(provider: str, op: str, device: torch.device, request) -> st
         return "torch"
     backend = provider.removeprefix("madfast_")
     try:
-        _backend.choose(op, backend, device)
+        _backend.choose(op=op, backend=backend, device=device, dtype=None)
     except _backend.BackendUnavailableError as e:
         pytest.skip(str(e))
     if backend == "triton" and device.type == "cpu" and not request.config.getoption("--bench-triton-cpu"):
@@ -49,16 +45,13 @@ def madfast_backend(provider: str, op: str, device: torch.device, request) -> st
 
 def timed(benchmark, fn, device: torch.device, *, bytes_moved: int, provider: str, baseline: str):
     """Times fn() (synchronised), and records GB/s and what the ratios are taken against."""
-    fn()  # warm-up: compilation, autotuning, allocator
-    synchronize(device)
+    from madfast.check.timing import synchronized, warm_up  # after TRITON_INTERPRET is set above
 
-    def run():
-        fn()
-        synchronize(device)
-
+    warm_up(fn, device)
     benchmark.extra_info.update(provider=provider, baseline=baseline, bytes=bytes_moved)
-    benchmark.pedantic(run, rounds=int(os.environ.get("MADFAST_BENCH_ROUNDS", 20)), warmup_rounds=2)
-    benchmark.extra_info["gbps"] = bytes_moved / benchmark.stats.stats.mean / 1e9
+    benchmark.pedantic(synchronized(fn, device), rounds=int(os.environ.get("MADFAST_BENCH_ROUNDS", 20)))
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["gbps"] = bytes_moved / benchmark.stats.stats.mean / 1e9
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 
 # The tests check fp32 kernels against fp32/fp64 formulas, so on a GPU fp32 convolutions and matmuls
 # run in fp32, not in TF32 (PyTorch's default for cuDNN; the Triton GEMMs follow the same flag).
-# TF32 is a speed policy: `madfast check` verifies it with a TF32 floor (madfast.check.runner.floor).
+# TF32 is a speed policy: `madfast check` verifies it with a TF32 floor (madfast.check.tolerances.floor).
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
 
@@ -53,14 +53,8 @@ def skip_unless_available(op: str, backend: str, device: str) -> None:
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-# flash-attention's tolerance rule: a kernel's error against an fp64 reference is at most `factor`
-# (2 forward, 3 gradients) times PyTorch's own error in the same dtype, with a floor per dtype —
-# the floors `madfast check` applies (one table for both).
-from madfast.check.runner import FLOORS  # noqa: E402
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-30)).item()
+# flash-attention's tolerance rule, the one `madfast check` applies (madfast.check.tolerances)
+from madfast.check.tolerances import FLOORS, rel_err  # noqa: E402,F401
 
 
 def assert_within(actual, expected, torch_same_dtype, dtype, factor, what):

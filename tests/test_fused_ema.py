@@ -343,9 +343,9 @@ def test_cached_lists_follow_the_model(device):
     model = Net().to(device)
     ema = FusedEMA(model, decay=0.5)
     ema.update(model)
-    plan = ema._plans[(id(model), "state")]
+    plan = ema._plan
     ema.update(model)
-    assert ema._plans[(id(model), "state")] is plan  # reused
+    assert ema._plan is plan  # reused
     with torch.no_grad():
         model.fc.weight = nn.Parameter(torch.full_like(model.fc.weight, 3.0))
     ema.set(model)
@@ -361,6 +361,32 @@ def test_cached_lists_follow_the_model(device):
     ema.to(torch.float64)
     ema.update(model)
     assert torch.equal(ema.module.fc.weight, torch.full_like(ema.module.fc.weight, 6.0))
+
+
+def test_plan_follows_replaced_and_deleted_modules_and_names_what_does_not_pair():
+    model = Net()
+    ema = FusedEMA(model, decay=0.5)
+    ema.update(model)
+    model.fc = nn.Linear(8, 5)  # a new submodule of the same shapes: its tensors are the ones averaged
+    with torch.no_grad():
+        model.fc.weight.fill_(4.0)
+        model.scratch.fill_(2.0)  # non-persistent: not in state_dict, so not averaged
+    ema.set(model)
+    assert torch.equal(ema.module.fc.weight, model.fc.weight)
+    assert torch.equal(ema.module.scratch, torch.zeros(2))
+    del model.fc
+    with pytest.raises(ValueError, match="the model has 4 parameters, the EMA 6"):
+        ema.update(model)
+    model.fc = nn.Linear(8, 5)
+    renamed = Net()
+    renamed.norm = renamed.bn
+    del renamed.bn
+    with pytest.raises(ValueError, match="'fc.weight' is paired with the EMA's 'bn.weight'"):
+        ema.update(renamed)
+    wider = Net()
+    wider.fc = nn.Linear(8, 6)
+    with pytest.raises(ValueError, match=r"'fc.weight' has shape \(6, 8\) in the model and \(5, 8\) in the EMA"):
+        ema.update(wider)
 
 
 def test_copies_update_their_own_module():

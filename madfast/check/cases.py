@@ -41,7 +41,7 @@ class Case:
     grads: tuple[int, ...] = ()  # indices of inputs to differentiate
     dtypes: tuple[torch.dtype, ...] = DTYPES
     in_place: bool = False  # mutates its first input (EMA): timed without copies
-    dispatch_op: str = ""  # the op name asked of madfast._backend for availability
+    dispatches: tuple[str, ...] = ()  # the ops madfast.fused(backend) dispatches (madfast._backend.choose)
     convolution: bool = False  # fp32 may run in TF32 (cuDNN's and the Triton GEMMs' rule): see runner.floor
 
 
@@ -296,24 +296,24 @@ def _fused_loss(name, **kw):
 
 CASES: dict[str, Case] = {
     "ema": Case("ema", _ema_make, _ema_eager, _ema_fused, _ema_shapes, _ema_work, in_place=True,
-                dispatch_op="ema_update_"),
+                dispatches=("ema_update_",)),
     "kl": Case("kl", _logits_make, lambda s, t: eager_kl(s, t), _fused_loss("kl_div", temperature=TAU),
-               _logit_shapes, _logit_work, grads=(0, 1), dispatch_op="kl_div_fwd"),
+               _logit_shapes, _logit_work, grads=(0, 1), dispatches=("kl_div_fwd",)),
     "adversarial": Case("adversarial", _logits_make, _adv_eager("kl"),
                         _fused_loss("adversarial_loss", bound=BOUND, kind="kl", temperature=1.0),
-                        _logit_shapes, _logit_work, grads=(0, 1), dispatch_op="kl_div_fwd"),
+                        _logit_shapes, _logit_work, grads=(0, 1), dispatches=("kl_div_fwd",)),
     "adversarial_l1": Case("adversarial_l1", _logits_make, _adv_eager("l1"),
                            _fused_loss("adversarial_loss", bound=BOUND, kind="l1"),
-                           _logit_shapes, _logit_work, grads=(0, 1), dispatch_op="l1_fwd"),
+                           _logit_shapes, _logit_work, grads=(0, 1), dispatches=("l1_fwd",)),
     "bn_stats": Case("bn_stats", _bn_make, eager_bn,
                      _fused_loss("bn_stat_loss"),
-                     _bn_shapes, _bn_work, grads=(0,), dispatch_op="channel_moments"),
+                     _bn_shapes, _bn_work, grads=(0,), dispatches=("channel_moments",)),
     "upsample_conv": Case("upsample_conv", _conv_make, eager_upsample_conv, _upsample_conv_fused, _block_shapes,
-                          _conv_work, grads=(0, 1), dispatch_op="upsample_conv", convolution=True),
+                          _conv_work, grads=(0, 1), dispatches=("upsample_conv",), convolution=True),
     "block": Case("block", _block_make, eager_block, _block_fused, _block_shapes, _conv_work, grads=(0, 1, 2, 3),
-                  dtypes=(torch.float32, torch.bfloat16, torch.float16), dispatch_op="upsample_conv",
+                  dtypes=(torch.float32, torch.bfloat16, torch.float16), dispatches=("upsample_conv",),
                   convolution=True),
     "bn_lrelu": Case("bn_lrelu", _bn_lrelu_make, eager_bn_lrelu, _bn_lrelu_fused, _bn_lrelu_shapes,
-                     _bn_lrelu_work, grads=(0, 1, 2), dispatch_op="bn_lrelu"),
+                     _bn_lrelu_work, grads=(0, 1, 2), dispatches=("bn_lrelu",)),
 }
 OP_NAMES = tuple(CASES)

@@ -26,24 +26,12 @@ import torch
 from madfast import _backend, _verified
 from madfast.check.cases import CASES, Case, Shape
 from madfast.check.timing import median_seconds
+from madfast.check.tolerances import FORWARD_FACTOR, GRADIENT_FACTOR, floor, rel_err, tolerance
 
 __all__ = ["CheckOptions", "run_check", "environment", "verified_entries", "FORMAT"]
 
 FORMAT = "madfast-check/1"
-FLOORS = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-FORWARD_FACTOR, GRADIENT_FACTOR = 2.0, 3.0
 FUSED_BACKENDS = ("cuda", "cpp", "triton", "aten")
-
-
-def floor(case: Case, dtype: torch.dtype, device: torch.device) -> float:
-    """The smallest tolerance of ``case`` in ``dtype``. An fp32 convolution on a GPU with
-    torch.backends.cudnn.allow_tf32 on (PyTorch's default) is TF32 arithmetic, fp16's 10-bit mantissa,
-    whichever algorithm eager's cuDNN happened to pick for the shape (the first H100 run: eager's own
-    error 1e-7 on a small shape, where the channels-last cuDNN call of the aten path took TF32, 2e-4)."""
-    if (case.convolution and dtype == torch.float32 and device.type == "cuda"
-            and torch.backends.cudnn.allow_tf32):
-        return FLOORS[torch.float16]
-    return FLOORS[dtype]
 
 
 @dataclass
@@ -104,47 +92,19 @@ def _flat(outs):
     return [t for o in outs for t in (o if isinstance(o, (list, tuple)) else [o])]
 
 
-def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    if expected.numel() == 0:
-        return 0.0 if actual.numel() == 0 else math.inf
-    if actual.shape != expected.shape:
-        return math.inf
-    diff = (actual.double() - expected.double()).abs().max()
-    return (diff / expected.double().abs().max().clamp_min(1e-30)).item()
-
-
 def _compare(case: Case, actual, expected, same_dtype, dtype: torch.dtype, device: torch.device) -> dict:
     n_out = len(actual) - len(case.grads)
     worst = {"ratio": -1.0}
     for k, (a, e, s) in enumerate(zip(actual, expected, same_dtype)):
         factor = FORWARD_FACTOR if k < n_out else GRADIENT_FACTOR
-        tol = max(factor * _rel_err(s, e), floor(case, dtype, device))
-        err = _rel_err(a, e)
+        tol = tolerance(e, s, factor, floor(dtype, device, case.convolution))
+        err = rel_err(a, e)
         ratio = err / tol if math.isfinite(err) else math.inf
         if not ratio <= worst["ratio"]:  # also takes NaN
             worst = {"ratio": ratio, "max_err": err, "tol": tol,
                      "worst": f"out{k}" if k < n_out else f"grad{case.grads[k - n_out]}"}
     worst["ok"] = bool(worst["ratio"] <= 1.0)
     return worst
-
-
-class _ChooseRecorder:
-    """Records which dispatcher ops madfast._backend.choose is asked about while it is active."""
-
-    def __init__(self):
-        self.ops: set[str] = set()
-
-    def __enter__(self):
-        self._orig = _backend.choose
-
-        def record(op, *args, **kwargs):
-            self.ops.add(op)
-            return self._orig(op, *args, **kwargs)
-        _backend.choose = record
-        return self
-
-    def __exit__(self, *exc):
-        _backend.choose = self._orig
 
 
 def _inputs(case: Case, shape: Shape, dtype: torch.dtype, device: torch.device) -> list:
@@ -156,10 +116,9 @@ def check_correctness(case: Case, backend: str, shape: Shape, dtype: torch.dtype
     inputs = _inputs(case, shape, dtype, device)
     expected, weights = _evaluate(case, case.eager, _map(lambda t: t.to(torch.float64), inputs), None)
     same_dtype, _ = _evaluate(case, case.eager, inputs, weights)
-    with _ChooseRecorder() as rec:
-        actual, _ = _evaluate(case, case.fused(backend), inputs, weights)
+    actual, _ = _evaluate(case, case.fused(backend), inputs, weights)
     row = _compare(case, actual, expected, same_dtype, dtype, device)
-    row["dispatch_ops"] = sorted(rec.ops) or [case.dispatch_op]
+    row["dispatch_ops"] = list(case.dispatches)
     return row
 
 
@@ -328,10 +287,11 @@ def _available(case: Case, device: torch.device, skipped: list[str]) -> list[str
     names = ["torch"]
     for b in FUSED_BACKENDS:
         try:
-            _backend.choose(case.dispatch_op, b, device)
+            for op in case.dispatches:
+                _backend.choose(op, b, device)
             names.append(b)
         except _backend.BackendUnavailableError as e:
-            if b != "aten" or case.dispatch_op in _backend.ATEN_OPS:
+            if b != "aten" or case.dispatches[0] in _backend.ATEN_OPS:
                 skipped.append(f"{case.name} / {b}: {e}")
     return names
 
@@ -403,8 +363,8 @@ def run_check(opts: CheckOptions) -> int:
             try:
                 row = {**base, **check_correctness(case, b, shape, dtype, opts.device)}
             except Exception as e:  # noqa: BLE001 - a crash is a failure of that kernel, reported, not fatal
-                row = {**base, "ok": False, "ratio": math.inf, "max_err": math.inf, "tol": floor(case, dtype, opts.device),
-                       "worst": "error", "error": f"{type(e).__name__}: {e}"[:500], "dispatch_ops": [case.dispatch_op]}
+                row = {**base, "ok": False, "ratio": math.inf, "max_err": math.inf, "tol": floor(dtype, opts.device, case.convolution),
+                       "worst": "error", "error": f"{type(e).__name__}: {e}"[:500], "dispatch_ops": list(case.dispatches)}
             row["seconds"] = round(time.perf_counter() - t0, 3)  # on a GPU: mostly JIT compilation
             emit(row)
             bar.update()
@@ -444,7 +404,7 @@ def run_check(opts: CheckOptions) -> int:
                          "x_eager": times["eager"] / t, "x_compile": None,
                          "dispatch_ops": next((r["dispatch_ops"] for r in reversed(report["results"])
                                                if r["kind"] == "correctness" and r["op"] == case.name
-                                               and r["backend"] == b), [case.dispatch_op])})
+                                               and r["backend"] == b), list(case.dispatches))})
             emit(rows[-1])
         timed_units.append((case, shape, dtype, rows))
     for case, shape, dtype, rows in timed_units if opts.compile else ():

@@ -4,34 +4,17 @@ from __future__ import annotations
 
 import weakref
 from copy import deepcopy
+from functools import partial
+from operator import getitem, is_
 from typing import Callable
 
 import torch
 from torch import nn
 
-from madfast.ops.ema import EmaPlan, ema_update_
-from madfast.ops.ema.op import check_decay
+from madfast import _backend
+from madfast.ops.ema.op import check_decay, compiled_ema_update_, ema_update_
 
 __all__ = ["FusedEMA", "ema_multi_avg_fn"]
-
-# Bumped whenever any module registers (assigns) a parameter, buffer or submodule: a FusedEMA's
-# cached tensor lists are then collected again. Storage changes (.to(), .data =) need no bump:
-# the C++ op sees them in the addresses it is given.
-_GENERATION = [0]
-_HOOKS: list = []
-
-
-def _bump(*_):
-    _GENERATION[0] += 1
-
-
-def _watch_module_structure() -> None:
-    if not _HOOKS:
-        from torch.nn.modules import module
-
-        _HOOKS.extend([module.register_module_parameter_registration_hook(_bump),
-                       module.register_module_buffer_registration_hook(_bump),
-                       module.register_module_module_registration_hook(_bump)])
 
 
 def _check_unit_interval(name: str, value: float) -> None:
@@ -39,29 +22,102 @@ def _check_unit_interval(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
-class _ModelPlan:
-    """The (EMA, model) tensor lists of one kind for one model, and their EmaPlan."""
+def _match(what: str, ema_named, model_named) -> tuple[list, list, list]:
+    """(names, EMA tensors, model tensors), paired by position; ValueError/TypeError naming the
+    tensor when the two do not pair up. A name may differ by a wrapper's prefix (DDP's ``module.``,
+    torch.compile's ``_orig_mod.``), as ModelEmaV3 pairs by position."""
+    ema_named, model_named = list(ema_named), list(model_named)
+    if len(ema_named) != len(model_named):
+        raise ValueError(f"FusedEMA: the model has {len(model_named)} {what}s, the EMA {len(ema_named)}: "
+                         "pass the model the EMA was made from")
+    for (name, e), (model_name, c) in zip(ema_named, model_named):
+        if not (name == model_name or model_name.endswith("." + name) or name.endswith("." + model_name)):
+            raise ValueError(f"FusedEMA: the model's {what} {model_name!r} is paired with the EMA's {name!r}: "
+                             "pass the model the EMA was made from")
+        if e.shape != c.shape:
+            raise ValueError(f"FusedEMA: {what} {model_name!r} has shape {tuple(c.shape)} in the model and "
+                             f"{tuple(e.shape)} in the EMA: pass the model the EMA was made from")
+        if e.is_floating_point() != c.is_floating_point() or (not e.is_floating_point() and e.dtype != c.dtype):
+            raise TypeError(f"FusedEMA: {what} {model_name!r} is {c.dtype} in the model and {e.dtype} in the EMA: "
+                            "floating tensors are averaged, the others copied, so both must be of the same kind")
+    return [n for n, _ in ema_named], [e for _, e in ema_named], [c for _, c in model_named]
 
-    def __init__(self, ema: list[torch.Tensor], cur: list[torch.Tensor], model: nn.Module, backend: str):
-        self.model = weakref.ref(model)
-        self.generation = _GENERATION[0]
-        self.ema, self.cur = ema, cur
-        self.moves = any(e.device != c.device for e, c in zip(ema, cur))  # EMA kept on another device
-        self.devices = (ema[0].device, cur[0].device) if ema else None
-        self.plan = None if self.moves else EmaPlan(ema, cur, backend=backend)
-        self.backend = backend
 
-    def valid_for(self, model: nn.Module) -> bool:
-        return (self.model() is model and self.generation == _GENERATION[0]
-                and (not self.ema or (self.ema[0].device, self.cur[0].device) == self.devices))
+def _pairs(ema: nn.Module, model: nn.Module) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """The (EMA, model) tensor lists of each kind: "state" (parameters and persistent buffers: what
+    ModelEmaV3 averages), "params", "buffers" (every buffer). The Parameters themselves, so that
+    ``.data =`` (as ``.to()`` does) stays visible."""
+    _, ema_p, cur_p = _match("parameter", ema.named_parameters(), model.named_parameters())
+    names, ema_b, cur_b = _match("buffer", ema.named_buffers(), model.named_buffers())
+    non_persistent = {f"{prefix}.{b}" if prefix else b
+                      for prefix, m in ema.named_modules() for b in m._non_persistent_buffers_set}
+    keep = [name not in non_persistent for name in names]
+    return {"state": (ema_p + [b for b, k in zip(ema_b, keep) if k], cur_p + [b for b, k in zip(cur_b, keep) if k]),
+            "params": (ema_p, cur_p), "buffers": (ema_b, cur_b)}
 
-    def update_(self, decay, seed, step) -> None:
-        if self.plan is not None:
-            self.plan.update_(decay, stochastic_rounding_seed=seed, stochastic_rounding_step=step)
-        elif self.ema:
-            cur = [c.to(e.device) for e, c in zip(self.ema, self.cur)]
-            ema_update_(self.ema, cur, decay, backend=self.backend, stochastic_rounding_seed=seed,
-                        stochastic_rounding_step=step)
+
+def _run_op(ema, cur, decay, seed, step, *, backend: str) -> None:
+    ema_update_(ema, cur, decay, backend=backend, stochastic_rounding_seed=seed, stochastic_rounding_step=step)
+
+
+def _run_moved(ema, cur, decay, seed, step, *, backend: str) -> None:
+    """For an EMA kept on another device than the model: the model's tensors are copied over first."""
+    _run_op(ema, [c.to(e.device) for e, c in zip(ema, cur)], decay, seed, step, backend=backend)
+
+
+def _kernel(backend: str, device: torch.device) -> Callable:
+    """``kernel(ema, cur, decay, seed, step)`` for lists on ``device``: the chosen backend and, on
+    CUDA, its own pointer table, which the C++ op rewrites only when a row (a tensor's storage,
+    size or dtype) changed, so a steady-state update allocates and copies nothing to the device."""
+    chosen = _backend.choose("ema_update_", backend, device)
+    if chosen == "cuda":
+        return partial(compiled_ema_update_, host_table=torch.empty(0, dtype=torch.int64),
+                       table=torch.empty(0, dtype=torch.int64, device=device))
+    if chosen == "cpp":
+        return compiled_ema_update_
+    return partial(_run_op, backend=chosen)
+
+
+def _parts(ema: list[torch.Tensor], cur: list[torch.Tensor], backend: str) -> list[tuple]:
+    """(kernel, ema, cur) per device of the EMA: the fused kernels take one device per call."""
+    if any(e.device != c.device for e, c in zip(ema, cur)):
+        return [(partial(_run_moved, backend=backend), ema, cur)]
+    by_device: dict[torch.device, tuple[list, list]] = {}
+    for e, c in zip(ema, cur):
+        es, cs = by_device.setdefault(e.device, ([], []))
+        es.append(e)
+        cs.append(c)
+    return [(_kernel(backend, device), es, cs) for device, (es, cs) in by_device.items()]
+
+
+class _Plan:
+    """What updating an EMA module toward one model takes, validated once: the tensor lists of each
+    kind (see ``_pairs``) split into kernel calls, and the slots they came from -- every entry of
+    every module's ``_parameters``, ``_buffers`` and ``_modules`` in both trees. The plan holds while
+    each slot still holds the same object (O(#tensors + #modules), C-level) and the first pair
+    is on the same devices; storage changes (``.to()``, ``.data =``) are seen by the op itself."""
+
+    def __init__(self, ema: nn.Module, model: nn.Module, backend: str):
+        pairs = _pairs(ema, model)
+        self.ema, self.model = ema, weakref.ref(model)
+        slots = [(d, k) for root in (ema, model) for m in root.modules()
+                 for d in (m._parameters, m._buffers, m._modules) for k in d]
+        self.dicts, self.keys = [d for d, _ in slots], [k for _, k in slots]
+        self.values = [d[k] for d, k in slots]  # held, so a replaced object is never freed and its address reused
+        state = pairs["state"]
+        self.first = (state[0][0], state[1][0]) if state[0] else None
+        self.devices = (self.first[0].device, self.first[1].device) if self.first else None
+        self.calls = {kind: _parts(e, c, backend) for kind, (e, c) in pairs.items()}
+
+    def valid_for(self, ema: nn.Module, model: nn.Module) -> bool:
+        if self.ema is not ema or self.model() is not model:
+            return False
+        try:
+            if not all(map(is_, map(getitem, self.dicts, self.keys), self.values)):
+                return False
+        except KeyError:  # a parameter, buffer or submodule was deleted
+            return False
+        return self.first is None or (self.first[0].device, self.first[1].device) == self.devices
 
 
 class FusedEMA(nn.Module):
@@ -81,10 +137,9 @@ class FusedEMA(nn.Module):
     rank (under torch.compile or CUDA-graph replay the count is fixed when traced/captured, so the
     bits repeat from update to update there). ``foreach`` is accepted for compatibility; the update is always fused.
 
-    The lists of tensors are collected once per model and reused: Python work per update is O(1).
-    They are collected again when a module anywhere assigns a parameter, buffer or submodule
-    (torch's registration hooks); storage changes (``.to()``, ``.data =``) are seen by the op.
-    ``del model.layer`` is not seen: make a new FusedEMA after removing modules.
+    The tensor lists are collected and checked once per model (the plan) and reused while every
+    parameter, buffer and submodule slot of the model and the EMA holds the same object; replacing
+    or deleting one rebuilds the plan. Adding one to a module is not seen: make a new FusedEMA then.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, min_decay: float = 0.0,
@@ -123,19 +178,13 @@ class FusedEMA(nn.Module):
             self.module.to(device=self.device)
         if self.dtype is not None:
             self.module.to(dtype=self.dtype)
-        # Which buffers state_dict() holds (and ModelEmaV3 therefore averages).
-        non_persistent = {f"{prefix}.{b}" if prefix else b
-                          for prefix, m in self.module.named_modules() for b in m._non_persistent_buffers_set}
-        self._persistent = [name not in non_persistent for name, _ in self.module.named_buffers()]
-        self._updates = [0]  # stochastic rounding's step counter
-        self._plans: dict = {}
-        _watch_module_structure()
+        self._updates = [0]  # stochastic rounding's step counter; a list: no nn.Module.__setattr__ per update
+        self._plan: _Plan | None = None
 
-    # Plans hold weak references and tensor lists: never copied or pickled with the module.
+    # The plan holds a weak reference and the model's tensors: never copied or pickled with the module.
     def __getstate__(self):
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
-        state["_plans"] = {}
+        state = super().__getstate__()
+        state["_plan"] = None
         return state
 
     def get_decay(self, step: int | None = None) -> float:
@@ -150,34 +199,20 @@ class FusedEMA(nn.Module):
         decay = 1 - (1 + step / self.warmup_gamma) ** -self.warmup_power
         return max(min(decay, self.decay), self.min_decay)
 
-    def _collect(self, model: nn.Module, kind: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """kind "state": parameters and persistent buffers; "params"; "buffers": every buffer."""
-        ema, cur = [], []
-        if kind != "buffers":
-            ema, cur = list(self.module.parameters()), list(model.parameters())
-        if kind == "state":
-            ema += [b for b, keep in zip(self.module.buffers(), self._persistent) if keep]
-            cur += [b for b, keep in zip(model.buffers(), self._persistent) if keep]
-        elif kind == "buffers":
-            ema, cur = list(self.module.buffers()), list(model.buffers())
-        if len(ema) != len(cur):
-            raise ValueError(f"model has {len(cur)} parameters/buffers to average, the EMA has {len(ema)}: "
-                             "pass the model the EMA was made from")
-        return ema, cur  # the Parameters themselves: `.data =` (as .to() does) stays visible
-
     def _apply_kind(self, model: nn.Module, kind: str, decay: float | torch.Tensor) -> None:
         seed = self.stochastic_rounding_seed if self.stochastic_rounding else None
         if torch.compiler.is_compiling():  # the traced graph holds no Python work to save
             # (the step counter is not traced: it would recompile every step; the bits repeat)
-            ema, cur = self._collect(model, kind)
+            ema, cur = _pairs(self.module, model)[kind]
             cur = [c.detach().to(self.device) if self.device is not None else c.detach() for c in cur]
             ema_update_(ema, cur, decay, backend=self.backend, stochastic_rounding_seed=seed)
             return
-        key = (id(model), kind)
-        plan = self._plans.get(key)
-        if plan is None or not plan.valid_for(model):
-            plan = self._plans[key] = _ModelPlan(*self._collect(model, kind), model, self.backend)
-        plan.update_(decay, seed, self._updates[0])
+        plan = self._plan
+        if plan is None or not plan.valid_for(self.module, model):
+            plan = self._plan = _Plan(self.module, model, self.backend)
+        step = self._updates[0]
+        for kernel, ema, cur in plan.calls[kind]:
+            kernel(ema, cur, decay, seed, step)
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int | None = None) -> None:
@@ -222,7 +257,7 @@ class FusedEMA(nn.Module):
 
     def _count_update(self) -> None:
         if not torch.compiler.is_compiling():
-            self._updates[0] += 1  # a list: no nn.Module.__setattr__ per update
+            self._updates[0] += 1
 
     @torch.no_grad()
     def set(self, model: nn.Module) -> None:
@@ -238,11 +273,11 @@ def ema_multi_avg_fn(decay: float = 0.999, *, backend: str = "auto") -> Callable
 
         AveragedModel(model, multi_avg_fn=madfast.ema_multi_avg_fn(0.999), use_buffers=True)
 
-    AveragedModel passes fresh lists (one per device and dtype) each call; a cached pointer table
-    per such group is kept, and the C++ op rebuilds it only when a tensor's storage changed.
+    AveragedModel passes fresh lists (one per device and dtype) each call; one kernel (with its
+    CUDA pointer table, see ``_kernel``) is kept per such group.
     """
     check_decay(decay)
-    tables: dict = {}
+    kernels: dict = {}
 
     @torch.no_grad()
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
@@ -251,28 +286,9 @@ def ema_multi_avg_fn(decay: float = 0.999, *, backend: str = "auto") -> Callable
             return
         first = averaged[0]
         key = (first.device, first.dtype, current[0].dtype if current else None, len(averaged))
-        plan = tables.get(key)
-        if plan is None:
-            plan = tables[key] = _TablePlan(first.device, backend)
-        plan.update_(averaged, current, decay)
+        kernel = kernels.get(key)
+        if kernel is None:
+            kernel = kernels[key] = _kernel(backend, first.device)
+        kernel(averaged, current, decay, None, 0)
 
     return update
-
-
-class _TablePlan:
-    """A cached pointer table for lists that are rebuilt by the caller on every call."""
-
-    def __init__(self, device: torch.device, backend: str):
-        from madfast import _backend
-
-        self.backend = _backend.choose("ema_update_", backend, device)
-        self.tables = (torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64, device=device)) \
-            if self.backend == "cuda" else (None, None)
-
-    def update_(self, averaged, current, decay) -> None:
-        if self.backend in ("cpp", "cuda"):
-            from madfast.ops.ema.op import compiled_ema_update_
-
-            compiled_ema_update_(averaged, current, decay, None, 0, *self.tables)
-        else:
-            ema_update_(averaged, current, decay, backend=self.backend)

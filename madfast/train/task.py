@@ -235,6 +235,6 @@ class MADTask:
         self.g_raw.load_state_dict(state["generator"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
-            self.ema.stochastic_rounding_step = state.get("ema_step", 0)  # absent before 2026-11-26
+            self.ema.stochastic_rounding_step = state.get("ema_step", 0)  # a checkpoint without it restarts the rounding stream
         for name in ("opt_g", "opt_s", "sched_g", "sched_s", "scaler_g", "scaler_s"):
             getattr(self, name).load_state_dict(state[name])

@@ -49,6 +49,11 @@ def check_ema_args(ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.
     """Raises ValueError/TypeError naming the argument; runs before anything is modified (O(n),
     the Python twin of csrc/ema.h check_ema_args)."""
     _check_call(ema_tensors, tensors, decay, None)
+    _check_pairs(ema_tensors, tensors, decay)
+
+
+def _check_pairs(ema_tensors, tensors, decay) -> None:
+    """The O(n) checks: decay's device and every pair."""
     if (isinstance(decay, torch.Tensor) and len(ema_tensors) and isinstance(ema_tensors[0], torch.Tensor)
             and decay.device.type != "cpu" and decay.device != ema_tensors[0].device):
         raise ValueError(f"ema_update_: decay must be on the CPU or on the tensors' device {ema_tensors[0].device}, "
@@ -98,7 +103,8 @@ if _HAS_TRITON:
 
 def compiled_ema_update_(ema_tensors, tensors, decay, seed: int | None, step: int, host_table=None,
                          table=None) -> None:
-    """The C++/CUDA op; every per-pair check in C++. ``host_table``/``table``: a plan's (see FusedEMA)."""
+    """The C++/CUDA op; every per-pair check in C++. ``host_table``/``table``: a cached pointer table
+    (see madfast.nn.ema._kernel)."""
     if isinstance(decay, torch.Tensor):
         torch.ops.madfast.ema_update_(ema_tensors, tensors, decay, 0.0, -1 if seed is None else seed, step,
                                       host_table, table)
@@ -141,7 +147,7 @@ def ema_update_(ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.Ten
         compiled_ema_update_(ema_tensors, tensors, decay, seed, step)
         return
     ema_tensors, tensors = list(ema_tensors), list(tensors)
-    check_ema_args(ema_tensors, tensors, decay)
+    _check_pairs(ema_tensors, tensors, decay)
     if chosen == "torch":
         torch_ema_update_(ema_tensors, tensors, decay, seed, step)
         return
