@@ -7,22 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from madfast.check.cases import RESNET50_PARAMS, resnet50_param_shapes
 from madfast.ops import ema_update_
 
 DECAY = 0.999
-RESNET50_PARAMS = 25_557_032
-
-
-def resnet50_shapes() -> list[torch.Size]:
-    try:
-        import torchvision
-        with torch.device("meta"):
-            return [p.shape for p in torchvision.models.resnet50().parameters()]
-    except ImportError:  # keeps the benchmark runnable without torchvision: same size, one tensor
-        return [torch.Size([RESNET50_PARAMS])]
-
-
-WORKLOADS = {"resnet50_params": resnet50_shapes, "flat_25.6M": lambda: [torch.Size([RESNET50_PARAMS])]}
+WORKLOADS = {"resnet50_params": resnet50_param_shapes, "flat_25.6M": lambda: [(RESNET50_PARAMS,)]}
 PROVIDERS = ["copy", "loop", "foreach", "compiled_foreach", "madfast_torch", "madfast_cpp", "madfast_triton",
              "madfast_cuda"]
 

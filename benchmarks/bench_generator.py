@@ -1,7 +1,7 @@
 """Generator block (upsample×2 → conv3×3 → BN → LeakyReLU) and whole generators: eager
 nn.Sequential (the baseline), torch.compile of it, and madfast's fused paths (fused around ATen's
-convolution — cuDNN / oneDNN —, Triton, CUDA, and the C++ CPU kernels); forward and
-forward+backward, fp32 and bf16, with peak memory. Shapes: BLOCKS and GENERATORS.
+convolution — cuDNN / oneDNN —, and Triton); forward and forward+backward, fp32 and bf16, with
+peak memory. Shapes: BLOCKS and GENERATORS.
 MADFAST_BENCH_SCALE shrinks the batch (CPU runs); the group name gives the shapes run.
 """
 
@@ -16,7 +16,7 @@ from madfast.models import Generator
 from madfast.nn import UpsampleConvBlock
 
 SCALE = int(os.environ.get("MADFAST_BENCH_SCALE", "1"))
-PROVIDERS = ["eager", "compiled", "madfast_aten", "madfast_triton", "madfast_cuda", "madfast_cpp"]
+PROVIDERS = ["eager", "compiled", "madfast_aten", "madfast_triton"]
 # (N, Cin, Cout, H): issue #13's block shapes (32-px generator at batch 32 and 256, a 112-px block
 # of the 224-px generator), and the 224-px generator's first block
 BLOCKS = [(32, 128, 128, 8), (32, 128, 64, 16), (256, 128, 128, 8), (64, 64, 64, 56), (64, 128, 128, 7)]
@@ -55,7 +55,7 @@ def test_block(benchmark, device, request, shape, dtype, mode, provider):
 
     n, cin, cout, hw = shape
     n = max(1, n // SCALE)
-    backend = madfast_backend(provider, "upsample_conv", device, request)
+    backend = madfast_backend(provider, "upsample_block", device, request)
     block = build(provider, backend, lambda b: UpsampleConvBlock(cin, cout, backend=b).to(dtype=dtype), device)
     x = torch.randn(n, cin, hw, hw, device=device, dtype=dtype, requires_grad=mode == "fwd_bwd")
     fn = run_step(block, (x,), mode == "fwd_bwd")
@@ -73,7 +73,7 @@ def test_generator(benchmark, device, request, monkeypatch, config, mode, provid
 
     batch, img = config
     batch = max(1, batch // SCALE)
-    backend = madfast_backend(provider, "upsample_conv", device, request)
+    backend = madfast_backend(provider, "upsample_block", device, request)
     # The Generator's blocks use backend "auto"; MADFAST_BACKEND picks the path for this run.
     monkeypatch.setenv("MADFAST_BACKEND", backend)
     gen = build(provider, backend, lambda _: Generator(nz=256, num_classes=10, img_size=img), device)

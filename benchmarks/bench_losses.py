@@ -49,7 +49,7 @@ FUSED = {
     "adversarial": lambda backend: lambda s, t: adversarial_loss(s, t, 3.0, "kl", 1.0, backend=backend),
     "bn": lambda backend: lambda x, rm, rv: bn_stat_loss(x, rm, rv, backend=backend),
 }
-OP = {"kl": "kl_div_fwd", "adversarial": "kl_div_fwd", "bn": "channel_moments"}
+OP = {"kl": "kl_div_fwd", "adversarial": "kl_div_fwd", "bn": "bn_stat_losses"}
 
 
 def loss_fn(loss: str, provider: str, device: torch.device, request):
@@ -154,7 +154,7 @@ def test_bn_hook_host_time(benchmark, device, request, provider):
     else:
         from madfast.nn import BNStatHook
 
-        hook = BNStatHook(teacher, backend=madfast_backend(provider, "channel_moments", device, request))
+        hook = BNStatHook(teacher, backend=madfast_backend(provider, "bn_stat_losses", device, request))
 
         def run():
             out = teacher(x.clone().requires_grad_()).sum() + hook.loss

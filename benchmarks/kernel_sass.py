@@ -168,11 +168,11 @@ def triton_kernels(dtype) -> dict[str, tuple]:
     import triton.language as tl
 
     from madfast.ops._triton import TL_DTYPES
+    from madfast.ops.bn_lrelu import triton_kernel as BL
     from madfast.ops.bn_stats import triton_kernel as B
     from madfast.ops.ema import triton_kernel as E
     from madfast.ops.kl import triton_kernel as KL
     from madfast.ops.upsample_conv import bilinear_adjoint as BA
-    from madfast.ops.upsample_conv import bn_lrelu as BL
     from madfast.ops.upsample_conv import triton_kernel as K
 
     p, a = PTR[dtype], PTR[torch.float64 if dtype == torch.float64 else torch.float32]

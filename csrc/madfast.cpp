@@ -58,13 +58,4 @@ TORCH_LIBRARY(madfast, m) {
   // the (C,) gradients in fp32 (fp64 for fp64).
   m.def("bn_lrelu_backward(Tensor grad, Tensor y, Tensor scale, Tensor shift, float negative_slope) -> "
         "(Tensor, Tensor, Tensor)");
-
-  // The generator block's conv3x3(bilinear-upsample-x2(x)) (align_corners=True, stride 1, pad 1, no
-  // bias), never writing the up-sampled tensor -> (y (N, Cout, 2H, 2W) in x's dtype and layout,
-  // Sum y (Cout,), Sum y^2 (Cout,)), the sums fp32 (fp64 for fp64) and empty unless stats.
-  m.def("upsample_conv(Tensor x, Tensor weight, bool stats) -> (Tensor, Tensor, Tensor)");
-  // Its gradients (grad_x or empty, grad_weight or empty) given grad_y and, optionally, the gradients
-  // of the two sums, folded in as grad_y + grad_sum + 2 y grad_sumsq while grad_y is read (y needed then).
-  m.def("upsample_conv_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor? y, Tensor? grad_sum, "
-        "Tensor? grad_sumsq, bool grad_input, bool grad_weight) -> (Tensor, Tensor)");
 }

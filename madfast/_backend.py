@@ -1,12 +1,12 @@
 """Loads the compiled extension defensively and chooses a backend per call.
 
 Backends: "torch" (the reference), "triton", "cuda" (csrc/cuda), "cpp" (csrc, CPU), and "aten" (the
-generator block only: fused around ATen's convolution, i.e. cuDNN on CUDA, oneDNN on CPU).
-"auto" on CPU tensors picks C++ > torch. On CUDA tensors it picks, in the op's order (CUDA extension >
-Triton > torch unless the op says otherwise), the first fused backend that `madfast check` verified
-correct and at least as fast as torch on this GPU architecture (madfast._verified), else torch.
-What the extension provides is asked of the dispatcher, so a CPU-only build, a build without
-some op, or no build at all simply narrows the choice.
+generator block only: fused around ATen's convolution, i.e. cuDNN on CUDA, oneDNN on CPU). OPS,
+one table, says which an op has, the order "auto" tries them in per device, and which use float
+atomics; `choose` reads it and nothing else picks a backend. On CUDA tensors "auto" takes a fused
+backend only where `madfast check` verified it correct and at least as fast as torch on this GPU
+architecture (madfast._verified). What the extension provides is asked of the dispatcher, so a
+CPU-only build, a build without some op, or no build at all simply narrows the choice.
 """
 
 from __future__ import annotations
@@ -14,18 +14,56 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 
 from madfast import _verified
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "extension_loaded", "has_kernel", "triton_usable", "choose",
-           "compiled_op"]
+__all__ = ["BACKENDS", "OPS", "Op", "BackendUnavailableError", "extension_loaded", "has_kernel", "triton_usable",
+           "choose", "compiled_op", "why_nondeterministic"]
 
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp", "aten")
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
-# ops that have a path fused around ATen's own kernels (backend "aten")
-ATEN_OPS = frozenset({"upsample_conv"})
+
+
+@dataclass(frozen=True)
+class Op:
+    """One op's backends, as data: ``kernels`` maps each fused backend to the torch.ops.madfast
+    entries (forward, backward or None) that run it; ``auto`` maps a device type to the fused
+    backends "auto" tries there, in order, before the torch reference; ``atomics`` says how a
+    backend adds floats with atomics on a GPU (its last bits then depend on scheduling)."""
+    kernels: dict[str, tuple[str, str | None]]
+    auto: dict[str, tuple[str, ...]]
+    atomics: dict[str, str] = field(default_factory=dict)
+
+
+def _compiled(fwd: str, bwd: str | None, triton: str | None = None) -> dict[str, tuple[str, str | None]]:
+    """The csrc op (one schema, a kernel per dispatch key) and its Triton twin ``<name>_triton``."""
+    return {"cpp": (fwd, bwd), "cuda": (fwd, bwd), "triton": (triton or f"{fwd}_triton", bwd and f"{bwd}_triton")}
+
+
+_EXTENSION_FIRST = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
+_BN_LRELU_ATOMICS = {"cuda": "atomicAdd for the scale and shift gradients",
+                     "triton": "tl.atomic_add for the scale and shift gradients"}
+_UPSAMPLE = {"aten": ("upsample_conv_aten", "upsample_conv_backward_aten"),
+             "triton": ("upsample_conv_triton", "upsample_conv_backward_triton")}
+
+OPS: dict[str, Op] = {
+    "ema_update_": Op(_compiled("ema_update_", None, "ema_update_triton_"), _EXTENSION_FIRST),
+    "kl_div_fwd": Op(_compiled("kl_div_fwd", "kl_div_bwd"), _EXTENSION_FIRST),
+    "l1_fwd": Op(_compiled("l1_fwd", "l1_bwd"), _EXTENSION_FIRST),
+    # on a CPU, ATen's one-pass Welford var_mean: the moments the upsample_conv reference takes
+    "channel_moments": Op(_compiled("channel_moments", "channel_moments_backward"), {"cuda": ("cuda", "triton")}),
+    "bn_stat_losses": Op(_compiled("bn_stat_losses", "bn_stat_losses_backward"), _EXTENSION_FIRST),
+    "bn_lrelu": Op(_compiled("bn_lrelu", "bn_lrelu_backward"), _EXTENSION_FIRST, _BN_LRELU_ATOMICS),
+    # ATen's convolution (cuDNN) first: the Triton GEMMs are not yet timed against it; on a CPU
+    # oneDNN's fused path has not measured faster than the reference
+    "upsample_conv": Op(_UPSAMPLE, {"cuda": ("aten", "triton")}),
+    # the generator block, upsample_conv + BN + LeakyReLU: the Triton path normalises with
+    # bn_lrelu's Triton kernel, the aten path with whichever bn_lrelu "auto" picks
+    "upsample_block": Op(_UPSAMPLE, {"cuda": ("aten", "triton")},
+                         {"triton": "bn_lrelu's tl.atomic_add for the scale and shift gradients"}),
+}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -71,11 +109,21 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _spec(op: str) -> Op:
+    try:
+        return OPS[op]
+    except KeyError:
+        raise ValueError(f"unknown op {op!r}: madfast._backend.OPS has {sorted(OPS)}") from None
+
+
 def _why_unavailable(op: str, backend: str, device: torch.device) -> str | None:
     if backend == "torch":
         return None
+    kernels = _spec(op).kernels
+    if backend not in kernels:
+        return f"{op} has no {backend} backend (it has torch, {', '.join(kernels)})"
     if backend == "aten":
-        return None if op in ATEN_OPS else f"only {sorted(ATEN_OPS)} have an aten path"
+        return None
     if backend == "triton":
         return None if triton_usable(device) else (
             "triton is not installed" if importlib.util.find_spec("triton") is None
@@ -86,71 +134,65 @@ def _why_unavailable(op: str, backend: str, device: torch.device) -> str | None:
         return f"the {backend} backend runs {key.lower()} tensors, got {device.type} tensors"
     if not extension_loaded():
         return f"madfast._C is not built or failed to load ({_EXTENSION_ERROR})"
-    if not has_kernel(op, key):
+    if not has_kernel(kernels[backend][0], key):
         return f"madfast._C was built without a {key} kernel for {op}"
     return None
 
 
 def _auto_allows(op: str, candidate: str, device: torch.device, dtype: torch.dtype | None) -> bool:
     """On CUDA tensors a fused backend must have been verified on this GPU architecture."""
-    if candidate == "torch" or device.type != "cuda":
+    if device.type != "cuda":
         return True
     return _verified.is_verified(op, candidate, _verified.capability_of(device), dtype)
 
 
-# GPU kernels that add floats with atomics (the result's last bits depend on scheduling), and how.
-NONDETERMINISTIC = {
-    ("upsample_conv", "cuda"): "atomicAdd for the weight gradient (and the sums of stats=True)",
-    ("bn_lrelu", "cuda"): "atomicAdd for the scale and shift gradients",
-    ("bn_lrelu", "triton"): "tl.atomic_add for the scale and shift gradients",
-}
-
-
-def why_nondeterministic(ops: tuple[str, ...], backend: str, device: torch.device) -> str | None:
-    """How ``backend`` runs one of ``ops`` on ``device`` nondeterministically, or None."""
+def why_nondeterministic(op: str, backend: str, device: torch.device) -> str | None:
+    """How ``backend`` runs ``op`` on ``device`` nondeterministically, or None."""
     if device.type != "cuda":  # CPU kernels and the Triton interpreter add in a fixed order
         return None
-    for op in ops:
-        if (op, backend) in NONDETERMINISTIC:
-            return f"{op} on the {backend} backend uses {NONDETERMINISTIC[op, backend]}"
-    return None
+    how = _spec(op).atomics.get(backend)
+    return f"{op} on the {backend} backend uses {how}" if how else None
 
 
 @torch.compiler.assume_constant_result  # asked once per trace: no graph break under torch.compile
-def choose(op: str, backend: str | None, device: torch.device, auto: tuple[str, ...] | None = None,
-           dtype: torch.dtype | None = None, also: tuple[str, ...] = ()) -> str:
-    """The backend that runs ``op`` on ``device``: ``backend``, else $MADFAST_BACKEND, else auto.
-    ``auto`` overrides the auto order for ops whose fused kernels are not yet the better default;
-    ``dtype`` narrows the verified-dispatch lookup to measurements in that dtype; ``also`` names ops
-    the caller runs on the same backend (for the determinism rule).
+def choose(op: str, backend: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The backend that runs ``op`` (a key of OPS) on ``device``: ``backend``, else
+    $MADFAST_BACKEND (where the op has that backend), else auto: the first of the op's auto order for
+    the device that is available and, on a GPU, verified (in ``dtype`` when given), else the torch
+    reference.
 
     Under ``torch.use_deterministic_algorithms(True)`` auto skips backends that use float atomics,
     and an explicit one raises (warns under ``warn_only=True``), as PyTorch's own ops do."""
     if backend is None or backend == "auto":
         backend = os.environ.get("MADFAST_BACKEND", "auto") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"MADFAST_BACKEND must be one of {BACKENDS}, got {backend!r}")
+        if backend not in ("auto", "torch") and backend not in _spec(op).kernels:
+            backend = "auto"  # the variable is a preference for every op: one without that backend picks its own
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     deterministic = torch.are_deterministic_algorithms_enabled()
     if backend == "auto":
-        for candidate in auto or _AUTO_ORDER.get(device.type, ("torch",)):
+        for candidate in _spec(op).auto.get(device.type, ()):
             if (_why_unavailable(op, candidate, device) is None and _auto_allows(op, candidate, device, dtype)
-                    and not (deterministic and why_nondeterministic((op, *also), candidate, device))):
+                    and not (deterministic and why_nondeterministic(op, candidate, device))):
                 return candidate
         return "torch"
     reason = _why_unavailable(op, backend, device)
     if reason is not None:
         raise BackendUnavailableError(f"{op}: backend={backend!r} is unavailable: {reason}")
-    how = why_nondeterministic((op, *also), backend, device) if deterministic else None
+    how = why_nondeterministic(op, backend, device) if deterministic else None
     if how is not None:
+        exact = ["auto", "torch"] + [b for b in _spec(op).kernels if b not in _spec(op).atomics]
         msg = (f"{how}, which is not deterministic, but torch.use_deterministic_algorithms(True) is set: "
-               f"use backend='auto', 'torch' or (for upsample_conv) 'aten', or turn determinism off")
+               f"use backend={' or '.join(map(repr, exact))}, or turn determinism off")
         if not torch.is_deterministic_algorithms_warn_only_enabled():
             raise RuntimeError(msg)
         warnings.warn(msg, UserWarning, stacklevel=3)
     return backend
 
 
-def compiled_op(op: str, backend: str):
-    """The torch.ops entry that runs ``op`` on a compiled backend: ``madfast::<op>`` for the
-    C++/CUDA kernels (one op, a kernel per dispatch key), ``madfast::<op>_triton`` for Triton."""
-    return getattr(torch.ops.madfast, f"{op}_triton" if backend == "triton" else op)
+def compiled_op(op: str, backend: str, backward: bool = False):
+    """The torch.ops.madfast entry (the forward, or with ``backward`` its backward) that runs
+    ``op`` on the fused ``backend``."""
+    return getattr(torch.ops.madfast, _spec(op).kernels[backend][int(backward)])

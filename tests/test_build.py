@@ -1,5 +1,6 @@
 """The extension is built and registered as expected; backend choice; import without it."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -20,8 +21,8 @@ def _cuda_build_expected() -> bool:
     return found if forced is None else forced == "1"
 
 
-COMPILED_OPS = ["ema_update_", "kl_div_fwd", "kl_div_bwd", "l1_fwd", "l1_bwd", "channel_moments", "channel_moments_backward", "upsample_conv",
-                "upsample_conv_backward", "bn_lrelu", "bn_lrelu_backward", "bn_stat_losses", "bn_stat_losses_backward"]
+COMPILED_OPS = ["ema_update_", "kl_div_fwd", "kl_div_bwd", "l1_fwd", "l1_bwd", "channel_moments",
+                "channel_moments_backward", "bn_lrelu", "bn_lrelu_backward", "bn_stat_losses", "bn_stat_losses_backward"]
 
 
 @pytest.mark.parametrize("op", COMPILED_OPS)
@@ -61,6 +62,38 @@ def test_unknown_or_unavailable_backend_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("MADFAST_BACKEND", "nope")
     with pytest.raises(ValueError, match="got 'nope'"):
         _backend.choose("ema_update_", None, cpu)
+
+
+def test_op_table_names_only_entries_that_exist():
+    """Every forward and backward entry of madfast._backend.OPS is registered (the extension is built
+    and triton installed wherever the suite runs), so the table cannot name a kernel that is gone."""
+    from madfast.ops._register import present
+    assert importlib.util.find_spec("triton") is not None and _backend.extension_loaded()
+    missing = [(op, b, name) for op, spec in _backend.OPS.items() for b, names in spec.kernels.items()
+               for name in names if name is not None and not present(name)]
+    assert not missing
+    for op, spec in _backend.OPS.items():
+        assert set(spec.auto) <= {"cpu", "cuda"} and all(set(order) <= set(spec.kernels) for order in spec.auto.values())
+        assert set(spec.atomics) <= set(spec.kernels), op
+
+
+def test_unknown_op_or_a_backend_the_op_lacks_is_a_clear_error():
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown op 'no_such_op'"):
+        _backend.choose("no_such_op", "auto", cpu)
+    with pytest.raises(BackendUnavailableError, match="upsample_conv has no cpp backend.*torch, aten, triton"):
+        _backend.choose("upsample_conv", "cpp", cpu)
+    with pytest.raises(BackendUnavailableError, match="kl_div_fwd has no aten backend"):
+        _backend.choose("kl_div_fwd", "aten", cpu)
+
+
+def test_env_backend_is_a_preference_an_argument_a_demand(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("MADFAST_BACKEND", "aten")
+    assert _backend.choose("upsample_conv", None, cpu) == "aten"
+    assert _backend.choose("kl_div_fwd", None, cpu) == "cpp"  # no aten path: its own auto choice
+    with pytest.raises(BackendUnavailableError, match="kl_div_fwd has no aten backend"):
+        _backend.choose("kl_div_fwd", "aten", cpu)
 
 
 def test_import_without_extension_warns_and_falls_back():

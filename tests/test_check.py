@@ -46,7 +46,8 @@ def test_quick_cpu_check_end_to_end(quick_run):
     assert all(ROW_KEYS <= set(r) for r in rows)
     checked = {(r["op"], r["backend"], r["dtype"]) for r in rows if r["kind"] == "correctness"}
     for op, case in CASES.items():
-        backends = ["torch", "cpp", "triton"] if op != "block" else ["torch", "cpp", "triton", "aten"]
+        backends = ["torch"] + [b for b in _backend.OPS[case.dispatches[0]].kernels if b != "cuda"]
+        assert ("aten" in backends) == (op in ("upsample_conv", "block")) and "triton" in backends
         for b in backends:
             if any(f"{op} / {b}:" in s for s in report["skipped"]):
                 continue  # named, with the reason, under "Not run"

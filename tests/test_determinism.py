@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -31,19 +32,22 @@ def all_available(monkeypatch):
     monkeypatch.setattr(_backend, "_auto_allows", lambda op, backend, device, dtype: True)
 
 
-def test_auto_skips_atomic_kernels_only_when_asked(all_available):
-    order = ("cuda", "triton", "aten", "torch")
-    assert _backend.choose("upsample_conv", "auto", CUDA, auto=order) == "cuda"
-    assert _backend.choose("upsample_conv", "auto", CUDA, auto=order, also=("bn_lrelu",)) == "cuda"
+def test_auto_skips_atomic_kernels_only_when_asked(all_available, monkeypatch):
+    # bn_lrelu's CUDA and Triton backwards add the scale/shift gradients with atomics
+    triton_first = dataclasses.replace(_backend.OPS["upsample_block"], auto={"cuda": ("triton", "aten")})
+    monkeypatch.setitem(_backend.OPS, "upsample_block", triton_first)
+    assert _backend.choose("bn_lrelu", "auto", CUDA) == "cuda"
+    assert _backend.choose("upsample_block", "auto", CUDA) == "triton"
     with deterministic():
-        assert _backend.choose("upsample_conv", "auto", CUDA, auto=order) == "triton"  # the op alone: no atomics
-        # the block runs bn_lrelu on the same backend, whose CUDA and Triton backwards use atomics
-        assert _backend.choose("upsample_conv", "auto", CUDA, auto=order, also=("bn_lrelu",)) == "aten"
-        assert _backend.choose("kl_div_fwd", "auto", CUDA, auto=("cuda", "torch")) == "cuda"  # deterministic kernels
-        assert _backend.choose("ema_update_", "auto", CUDA, auto=("triton", "torch")) == "triton"
+        assert _backend.choose("bn_lrelu", "auto", CUDA) == "torch"
+        assert _backend.choose("upsample_conv", "auto", CUDA) == "aten"  # the op alone: no atomics
+        # the block's Triton path normalises with bn_lrelu's Triton kernel, which uses atomics
+        assert _backend.choose("upsample_block", "auto", CUDA) == "aten"
+        assert _backend.choose("kl_div_fwd", "auto", CUDA) == "cuda"  # deterministic kernels
+        assert _backend.choose("ema_update_", "auto", CUDA) == "cuda"
 
 
-@pytest.mark.parametrize("op,backend", [("upsample_conv", "cuda"), ("bn_lrelu", "triton"), ("bn_lrelu", "cuda")])
+@pytest.mark.parametrize("op,backend", [("bn_lrelu", "triton"), ("bn_lrelu", "cuda"), ("upsample_block", "triton")])
 def test_explicit_atomic_backend_raises_naming_the_op(all_available, op, backend):
     assert _backend.choose(op, backend, CUDA) == backend
     with deterministic(), pytest.raises(RuntimeError, match=rf"{op} on the {backend} backend uses .*atomic.*"
@@ -53,30 +57,29 @@ def test_explicit_atomic_backend_raises_naming_the_op(all_available, op, backend
         assert _backend.choose(op, backend, CUDA) == backend
 
 
-def test_block_with_triton_raises_for_its_bn_backward(all_available):
-    with deterministic(), pytest.raises(RuntimeError, match="bn_lrelu on the triton backend"):
-        _backend.choose("upsample_conv", "triton", CUDA, also=("bn_lrelu",))
+def test_block_with_aten_is_deterministic(all_available):
     with deterministic():
-        assert _backend.choose("upsample_conv", "aten", CUDA, also=("bn_lrelu",)) == "aten"
+        assert _backend.choose("upsample_block", "aten", CUDA) == "aten"
+        assert _backend.choose("upsample_conv", "triton", CUDA) == "triton"
 
 
 def test_cpu_kernels_are_deterministic_and_unchanged():
     cpu = torch.device("cpu")
-    plain = {op: _backend.choose(op, "auto", cpu) for op in ("kl_div_fwd", "ema_update_", "upsample_conv")}
+    plain = {op: _backend.choose(op, "auto", cpu) for op in _backend.OPS}
     with deterministic():
         assert {op: _backend.choose(op, "auto", cpu) for op in plain} == plain
-        assert _backend.why_nondeterministic(("upsample_conv", "bn_lrelu"), "triton", cpu) is None
+        assert all(_backend.why_nondeterministic(op, "triton", cpu) is None for op in plain)
 
 
 def test_block_runs_under_deterministic_mode_on_cpu(monkeypatch):
     from madfast.nn import UpsampleConvBlock
     asked = []
     real = _backend.choose
-    monkeypatch.setattr(_backend, "choose", lambda *a, **k: asked.append(k.get("also")) or real(*a, **k))
+    monkeypatch.setattr(_backend, "choose", lambda op, *a, **k: asked.append(op) or real(op, *a, **k))
     block = UpsampleConvBlock(3, 4)
     x = torch.randn(2, 3, 4, 4)
     with deterministic():
         a = block(x)
         a.sum().backward()
     assert a.shape == (2, 4, 8, 8)
-    assert asked and all(also == ("bn_lrelu",) for also in asked)  # the block's BN backward decides too
+    assert asked and set(asked) == {"upsample_block"}  # the block asks as a whole: its BN backward decides too

@@ -195,14 +195,15 @@ def test_opcheck(device, backend):
             torch.library.opcheck(compiled_op("l1_fwd", backend), (*args, reduction, sign, bound))
     loss, stats, total = compiled_op("kl_div_fwd", backend)(s, t, 2.0, "batchmean", -1.0, 3.0)
     grad = torch.ones((), device=device)
-    torch.library.opcheck(compiled_op("kl_div_bwd", backend),
+    torch.library.opcheck(compiled_op("kl_div_fwd", backend, backward=True),
                           (grad, s, t, stats, total, 2.0, "batchmean", -1.0, 3.0, True, False))
     loss, total = compiled_op("l1_fwd", backend)(s, t, "mean", -1.0, None)
-    torch.library.opcheck(compiled_op("l1_bwd", backend), (grad, s, t, total, "mean", -1.0, None, False, True))
+    torch.library.opcheck(compiled_op("l1_fwd", backend, backward=True),
+                          (grad, s, t, total, "mean", -1.0, None, False, True))
     x = torch.randn(2, 3, 5, 4, device=device, requires_grad=True)
     torch.library.opcheck(compiled_op("channel_moments", backend), (x,))
     mean = x.detach().mean((0, 2, 3))
-    torch.library.opcheck(compiled_op("channel_moments_backward", backend),
+    torch.library.opcheck(compiled_op("channel_moments", backend, backward=True),
                           (torch.randn(3, device=device), torch.randn(3, device=device), x.detach(), mean))
     # the multi-layer op (differentiated through madfast.ops.bn_stats._BnStatLosses, not by itself)
     xs = [x.detach(), torch.randn(3, 4, 2, 2, device=device).contiguous(memory_format=torch.channels_last)]
@@ -210,7 +211,7 @@ def test_opcheck(device, backend):
              [torch.rand(3, device=device), torch.ones(4, device=device)])
     torch.library.opcheck(compiled_op("bn_stat_losses", backend), (xs, *stats))
     loss, moments, norms = compiled_op("bn_stat_losses", backend)(xs, *stats)
-    torch.library.opcheck(compiled_op("bn_stat_losses_backward", backend),
+    torch.library.opcheck(compiled_op("bn_stat_losses", backend, backward=True),
                           (torch.ones((), device=device), xs, *stats, moments, norms))
 
 
@@ -574,7 +575,7 @@ def test_bn_stat_losses_replay_in_a_cuda_graph(backend):
     skip_unless_available("channel_moments", backend, "cuda")
     from madfast._backend import compiled_op
 
-    fwd, bwd = compiled_op("bn_stat_losses", backend), compiled_op("bn_stat_losses_backward", backend)
+    fwd, bwd = compiled_op("bn_stat_losses", backend), compiled_op("bn_stat_losses", backend, backward=True)
     xs, rms, rvs = ([t.cuda() for t in ts] for ts in _triton_bn_layers())
     grad = torch.full((), 2.0, device="cuda")
     side = torch.cuda.Stream()

@@ -1,19 +1,21 @@
-"""The fused upsample×2 → conv3×3 (Triton implicit GEMMs; the C++/CUDA kernels of csrc/), forward
-and backward, against the torch reference."""
+"""The fused upsample×2 → conv3×3 (Triton implicit GEMMs; the "aten" path fused around ATen's
+convolution), forward and backward, against the torch reference and fp64 formulas; and the block's
+BN-normalise/LeakyReLU tail (bn_lrelu) on every backend it has."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import COMPILED_BACKENDS, DEVICES, assert_within, skip_unless_available
 
-from madfast import _backend
 from madfast.ops.upsample_conv import torch_upsample_conv, upsample_conv
 from madfast.ops.upsample_conv.bilinear_adjoint import bilinear_taps, torch_bilinear_adjoint, triton_bilinear_adjoint
-from madfast.ops.upsample_conv.bn_lrelu import bn_lrelu
-from madfast.ops.upsample_conv.moments import torch_channel_moments, triton_channel_moments
+from madfast.ops.bn_lrelu import bn_lrelu
+from madfast.ops.bn_stats.reference import torch_channel_moments
+from madfast.ops.bn_stats.triton_kernel import triton_channel_moments
 from madfast.ops.upsample_conv.op import upsample_conv_moments
 
-BACKENDS = COMPILED_BACKENDS + [(d, "aten") for d in DEVICES]  # "aten": fused around ATen's convolution
+# upsample_conv's fused backends: "triton" and "aten" (fused around ATen's convolution)
+BACKENDS = [(d, b) for d in DEVICES for b in ("triton", "aten")]
 
 CASES = [  # (N, Cin, Cout, H, W): 1×1→2×2, 4×4→8×8, 7×7→14×14, 8×8→16×16; odd channel counts
     (1, 3, 3, 1, 1), (33, 3, 17, 1, 1), (2, 17, 3, 4, 4), (1, 64, 17, 7, 7), (33, 3, 5, 4, 4), (2, 17, 64, 8, 8),
@@ -59,8 +61,8 @@ def test_matches_reference(device, backend, case, channels_last, dtype):
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_fp64_and_gradients_of_one_input(device, backend):
-    """fp64 runs in fp64 on the C++/CUDA kernels (fp32 GEMMs in Triton), sums included; asking for
-    one gradient computes only that one."""
+    """fp64 runs in fp64 on "aten" (fp32 GEMMs in Triton), sums included; asking for one gradient
+    computes only that one."""
     skip_unless_available("upsample_conv", backend, device)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 5, 6, 7, generator=g, dtype=torch.float64).to(device)
@@ -84,44 +86,73 @@ def test_without_stats_and_torch_backend():
     y, s, ss = upsample_conv(x, w, backend="torch")
     assert s is None and ss is None
     torch.testing.assert_close(y, torch_upsample_conv(x, w))
-    for backend in ("cpp", "triton"):
+    for backend in ("aten", "triton"):
         skip_unless_available("upsample_conv", backend, "cpu")
-        y2, s2, _ = upsample_conv(x, w, backend=backend)
-        assert s2 is None
+        y2, s2, ss2 = upsample_conv(x, w, backend=backend)
+        assert s2 is None and ss2 is None
         torch.testing.assert_close(y2, y, atol=1e-5, rtol=1e-5)
 
 
-def test_empty_inputs():
-    skip_unless_available("upsample_conv", "cpp", "cpu")
-    for x, w in ((torch.randn(0, 3, 4, 4), torch.randn(5, 3, 3, 3)), (torch.randn(2, 3, 4, 4), torch.randn(0, 3, 3, 3))):
-        x.requires_grad_(), w.requires_grad_()
-        y, s, ss = upsample_conv(x, w, stats=True, backend="cpp")
-        assert y.shape == (x.shape[0], w.shape[0], 8, 8) and s.shape == ss.shape == (w.shape[0],)
-        assert torch.count_nonzero(s) == 0
-        gx, gw = torch.autograd.grad(y.sum() + s.sum(), (x, w))
-        assert gx.shape == x.shape and gw.shape == w.shape and torch.count_nonzero(gx) == torch.count_nonzero(gw) == 0
-
-
-@pytest.mark.parametrize("device,backend", COMPILED_BACKENDS)
-def test_opcheck_and_compile(device, backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("device,backend", [(d, b) for d in DEVICES for b in ("torch", "aten", "triton")])
+def test_stats_are_channel_sums_on_every_backend(device, backend, dtype):
+    """stats=True gives Σy and Σy² per output channel over (N, 2H, 2W) on every backend — not the
+    batch mean and variance that "aten" and "triton" compute inside — in fp32 (fp64 for fp64), with
+    their gradients; against fp64 F.interpolate + F.conv2d, summed here."""
     skip_unless_available("upsample_conv", backend, device)
-    forward = torch.ops.madfast.upsample_conv_triton if backend == "triton" else torch.ops.madfast.upsample_conv
-    backward = (torch.ops.madfast.upsample_conv_backward_triton if backend == "triton"
-                else torch.ops.madfast.upsample_conv_backward)
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(3, 4, 5, 6, generator=g, dtype=torch.float64) + 0.5).to(device)
+    w = (torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64) / 6).to(device)
+    g_sum, g_sumsq = (torch.randn(6, generator=g, dtype=torch.float64).to(device) for _ in range(2))
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y64 = F.conv2d(F.interpolate(xr, scale_factor=2, mode="bilinear", align_corners=True), wr, padding=1)
+    sum64, sumsq64 = y64.sum((0, 2, 3)), (y64 * y64).sum((0, 2, 3))
+    expected_grads = torch.autograd.grad((sum64 * g_sum).sum() + (sumsq64 * g_sumsq).sum(), (xr, wr))
+
+    xa, wa = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+    _, s, ss = upsample_conv(xa, wa, stats=True, backend=backend)
+    assert s.dtype == ss.dtype == dtype and s.shape == ss.shape == (6,)
+    tol = 1e-10 if dtype == torch.float64 and backend != "triton" else 2e-5  # Triton: fp32 GEMMs
+    for what, ours, theirs in (("sum", s, sum64), ("sum of squares", ss, sumsq64)):
+        torch.testing.assert_close(ours.double(), theirs.detach(), atol=tol * theirs.abs().max().item(), rtol=tol,
+                                   msg=lambda m, what=what: f"{what}: {m}")
+    grads = torch.autograd.grad((s.double() * g_sum).sum() + (ss.double() * g_sumsq).sum(), (xa, wa))
+    for ours, theirs in zip(grads, expected_grads):
+        torch.testing.assert_close(ours.double(), theirs, atol=tol * theirs.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("backend", ["torch", "aten", "triton"])
+@pytest.mark.parametrize("shapes", [((0, 3, 4, 4), (5, 3, 3, 3)), ((2, 3, 4, 4), (0, 3, 3, 3))],
+                         ids=["no images", "no output channels"])
+def test_empty_inputs(backend, shapes):
+    """y is empty, Σy and Σy² over no values are 0, and the gradients (through y and the sums
+    alike) are zeros of the inputs' shapes."""
+    skip_unless_available("upsample_conv", backend, "cpu")
+    if backend != "triton" and shapes[1][0] == 0:
+        pytest.skip("ATen's convolution (torch and aten backends) refuses a weight with no output channels")
+    x, w = torch.randn(shapes[0], requires_grad=True), torch.randn(shapes[1], requires_grad=True)
+    y, s, ss = upsample_conv(x, w, stats=True, backend=backend)
+    assert y.shape == (x.shape[0], w.shape[0], 8, 8) and s.shape == ss.shape == (w.shape[0],)
+    assert torch.count_nonzero(s) == torch.count_nonzero(ss) == 0
+    gx, gw = torch.autograd.grad(y.sum() + s.sum() + ss.sum(), (x, w))
+    assert gx.shape == x.shape and gw.shape == w.shape and torch.count_nonzero(gx) == torch.count_nonzero(gw) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_opcheck_and_compile(device):
+    skip_unless_available("upsample_conv", "triton", device)
+    forward, backward = torch.ops.madfast.upsample_conv_triton, torch.ops.madfast.upsample_conv_backward_triton
     x = torch.randn(2, 3, 4, 5, device=device, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
     torch.library.opcheck(forward, (x, w, True))
     torch.library.opcheck(forward, (x.detach().contiguous(memory_format=torch.channels_last), w, False))
     g, y = torch.randn(2, 4, 8, 10, device=device), torch.randn(2, 4, 8, 10, device=device)
-    gs, gss, mean = torch.randn(4, device=device), torch.randn(4, device=device), torch.randn(4, device=device)
-    if backend == "triton":  # (…, y, mean, grad_mean, grad_var, …): the Triton op gives batch moments
-        torch.library.opcheck(backward, (g, x.detach(), w.detach(), None, None, None, None, True, True))
-        torch.library.opcheck(backward, (g, x.detach(), w.detach(), y, mean, gs, gss, True, False))
-    else:  # (…, y, grad_sum, grad_sumsq, …)
-        torch.library.opcheck(backward, (g, x.detach(), w.detach(), None, None, None, True, True))
-        torch.library.opcheck(backward, (g, x.detach(), w.detach(), y, gs, gss, True, False))
+    gm, gv, mean = torch.randn(4, device=device), torch.randn(4, device=device), torch.randn(4, device=device)
+    # (…, y, mean, grad_mean, grad_var, …): the Triton op gives batch moments
+    torch.library.opcheck(backward, (g, x.detach(), w.detach(), None, None, None, None, True, True))
+    torch.library.opcheck(backward, (g, x.detach(), w.detach(), y, mean, gm, gv, True, False))
     torch._dynamo.reset()
-    compiled = torch.compile(lambda a, b: upsample_conv(a, b, stats=True, backend=backend)[0].sum(),
+    compiled = torch.compile(lambda a, b: upsample_conv(a, b, stats=True, backend="triton")[0].sum(),
                              fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, w), torch_upsample_conv(x, w).sum(), atol=1e-4, rtol=1e-5)
 
@@ -151,37 +182,20 @@ def test_triton_refuses_images_past_32_bit_indexing():
         triton_upsample_conv_grad_weight(x, torch.zeros(1), torch.Size((1, 2**16, 3, 3)))
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_bad_input_to_the_ops_themselves(backend):
-    """The registered ops check their arguments too (C++: csrc/upsample_conv.h), naming each one."""
-    skip_unless_available("upsample_conv", backend, "cpu")
-    suffix = "_triton" if backend == "triton" else ""
-    forward = getattr(torch.ops.madfast, "upsample_conv" + suffix)
-    backward = getattr(torch.ops.madfast, "upsample_conv_backward" + suffix)
+def test_bad_input_to_the_triton_backward_op():
+    """The registered backward op checks its arguments too, naming each one (the Triton forward is
+    only reached through upsample_conv, which checks)."""
+    skip_unless_available("upsample_conv", "triton", "cpu")
+    backward = torch.ops.madfast.upsample_conv_backward_triton
     x, w, g = torch.randn(2, 3, 4, 4), torch.randn(5, 3, 3, 3), torch.randn(2, 5, 8, 8)
-    if backend == "cpp":  # the Triton forward is only reached through upsample_conv, which checks
-        with pytest.raises(ValueError, match="weight must have shape \\(Cout, 3, 3, 3\\)"):
-            forward(x, torch.randn(5, 4, 3, 3), True)
-        with pytest.raises(TypeError, match="weight has dtype"):
-            forward(x, w.half(), True)
-        with pytest.raises(ValueError, match="x must be 4-D"):
-            forward(x[0], w, True)
-    if backend == "triton":
-        with pytest.raises(ValueError, match="grad_y must have shape"):
-            backward(g[:, :4], x, w, None, None, None, None, True, True)
-        with pytest.raises(ValueError, match="grad_mean must have shape"):
-            backward(g, x, w, None, None, torch.randn(4), None, True, True)
-        with pytest.raises(ValueError, match="y \\(the forward's output\\) must be given when grad_var"):
-            backward(g, x, w, None, torch.randn(5), None, torch.randn(5), True, True)
-        with pytest.raises(ValueError, match="mean \\(the forward's output\\) must be given when grad_var"):
-            backward(g, x, w, g, None, None, torch.randn(5), True, True)
-        return
     with pytest.raises(ValueError, match="grad_y must have shape"):
-        backward(g[:, :4], x, w, None, None, None, True, True)
-    with pytest.raises(ValueError, match="grad_sum must have shape"):
-        backward(g, x, w, None, torch.randn(4), None, True, True)
-    with pytest.raises(ValueError, match="y \\(the forward's output\\) must be given"):
-        backward(g, x, w, None, None, torch.randn(5), True, True)
+        backward(g[:, :4], x, w, None, None, None, None, True, True)
+    with pytest.raises(ValueError, match="grad_mean must have shape"):
+        backward(g, x, w, None, None, torch.randn(4), None, True, True)
+    with pytest.raises(ValueError, match="y \\(the forward's output\\) must be given when grad_var"):
+        backward(g, x, w, None, torch.randn(5), None, torch.randn(5), True, True)
+    with pytest.raises(ValueError, match="mean \\(the forward's output\\) must be given when grad_var"):
+        backward(g, x, w, g, None, None, torch.randn(5), True, True)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
@@ -189,7 +203,7 @@ def test_bad_input_to_the_ops_themselves(backend):
                          ids=lambda s: "x".join(map(str, s)))  # the last: N·H·W split over 3 programs
 @pytest.mark.parametrize("device,backend", COMPILED_BACKENDS)
 def test_bn_lrelu_matches_reference(device, backend, shape, layout):
-    skip_unless_available("upsample_conv", backend, device)
+    skip_unless_available("bn_lrelu", backend, device)
     g = torch.Generator().manual_seed(0)
     y = torch.randn(shape, generator=g).to(device)
     if layout == "channels_last":
@@ -213,7 +227,7 @@ def test_bn_lrelu_matches_reference(device, backend, shape, layout):
 
 
 def test_bn_lrelu_bad_input():
-    skip_unless_available("upsample_conv", "cpp", "cpu")
+    skip_unless_available("bn_lrelu", "cpp", "cpu")
     y, c = torch.randn(2, 3, 4, 4), torch.ones(3)
     with pytest.raises(ValueError, match="scale must have shape \\(3,\\)"):
         torch.ops.madfast.bn_lrelu(y, torch.ones(4), c, 0.2)
@@ -227,11 +241,10 @@ def test_bn_lrelu_bad_input():
 
 def test_block_ops_with_a_meta_argument_raise():
     """Called directly (torch.ops), a meta weight (or BN statistic) beside a real x goes to the fake
-    kernel, which used to return uninitialised values: it checks like the kernels."""
+    kernel, which checks like the kernels instead of returning uninitialised values."""
     x, w = torch.randn(1, 2, 3, 3), torch.randn(4, 2, 3, 3, device="meta")
     ops = [torch.ops.madfast.upsample_conv_aten]
     ops += [torch.ops.madfast.upsample_conv_triton] if hasattr(torch.ops.madfast, "upsample_conv_triton") else []
-    ops += [torch.ops.madfast.upsample_conv] if _backend.has_kernel("upsample_conv", "CPU") else []
     for op in ops:
         with pytest.raises(ValueError, match="weight is on meta but x is on cpu"):
             op(x, w, True)
@@ -239,8 +252,6 @@ def test_block_ops_with_a_meta_argument_raise():
     backward = {"aten": (torch.ops.madfast.upsample_conv_backward_aten, (None,) * 4)}
     if hasattr(torch.ops.madfast, "upsample_conv_backward_triton"):
         backward["triton"] = (torch.ops.madfast.upsample_conv_backward_triton, (None,) * 4)
-    if _backend.has_kernel("upsample_conv", "CPU"):
-        backward["cpp"] = (torch.ops.madfast.upsample_conv_backward, (None,) * 3)
     for op, nones in backward.values():
         with pytest.raises(ValueError, match="grad_y is on meta but x is on cpu"):
             op(g, x, w, *nones, True, True)
@@ -253,8 +264,8 @@ def test_block_ops_with_a_meta_argument_raise():
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_bn_lrelu_meta_argument_raises(backend):
-    """A meta scale or shift beside a real y sends the dispatcher to the fake kernel, which used to
-    return an uninitialised y: it checks them as the kernels do."""
+    """A meta scale or shift beside a real y sends the dispatcher to the fake kernel, which checks
+    them as the kernels do instead of returning an uninitialised y."""
     skip_unless_available("bn_lrelu", backend, "cpu")
     y, c = torch.randn(2, 3, 4, 4), torch.ones(3)
     with pytest.raises(ValueError, match="scale is on meta but y is on cpu"):
@@ -328,20 +339,20 @@ def test_channel_moments_when_mean_dwarfs_std(impl, dtype, shape, layout):
     assert mean.dtype == var.dtype == torch.float32
     torch.testing.assert_close(mean.double(), mean64, atol=0, rtol=1e-6)
     torch.testing.assert_close(var.double(), var64, atol=0, rtol=1e-5)
-    if dtype == torch.float32:  # the formula this replaces does fail here (so the test can tell them apart)
+    if dtype == torch.float32:  # E[y²]−E[y]² does fail here (so the test can tell them apart)
         naive = y.square().mean((0, 2, 3)) - y.mean((0, 2, 3)).square()
         assert ((naive.double() - var64).abs() / var64).max() > 1e-3
 
 
-MOMENT_BACKENDS = ("torch", "cpp", "cuda", "aten", "triton")
+MOMENT_BACKENDS = ("torch", "aten", "triton")
 
 
 @pytest.mark.parametrize("device,backend", [(d, b) for d in DEVICES for b in MOMENT_BACKENDS])
 def test_batch_moments_when_mean_dwarfs_std(device, backend):
     """upsample_conv_moments on every backend ("aten": Welford; "triton": per-tile partials,
-    Chan-combined; "cpp"/"cuda": the BN-statistics moments op on y; "torch": var_mean): the batch
-    mean and biased variance of the y they return, against fp64 — with |mean| > 100·std, where
-    E[y²]−E[y]² in fp32 loses the variance (checked too); upsample_conv's Σy, Σy² agree with them."""
+    Chan-combined; "torch": var_mean): the batch mean and biased variance of the y they return,
+    against fp64 — with |mean| > 100·std, where E[y²]−E[y]² in fp32 loses the variance (checked
+    too); upsample_conv's Σy, Σy² agree with them."""
     skip_unless_available("upsample_conv", backend, device)
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(4, 6, 5, 7, generator=g, dtype=torch.float64) * 0.01 + 10).to(device)
@@ -442,5 +453,5 @@ def test_grad_weight_splits_cover_every_pixel_once(M, tiles):
     assert m_split % 32 == 0 and (splits - 1) * m_split < M <= splits * m_split
     assert splits == 1 or m_split >= 16 * 32
     assert splits * tiles <= max(1024, tiles) + tiles
-    if M == 802_816 and tiles == 36:  # 64×64→64 ch 56→112 px: was one accumulator over all pixels
+    if M == 802_816 and tiles == 36:  # 64×64→64 ch 56→112 px: ≥ 16 programs share the pixels
         assert splits >= 16

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from madfast.ops._dtypes import acc_dtype
 
-__all__ = ["Case", "CASES", "OP_NAMES", "resnet50_param_shapes"]
+__all__ = ["Case", "CASES", "OP_NAMES", "RESNET50_PARAMS", "resnet50_param_shapes"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -57,13 +57,18 @@ def _nbytes(shape, dtype) -> int:
 CHECK_DECAY = 0.75  # large steps, so that an EMA that does nothing fails in bf16 too
 
 
+RESNET50_PARAMS = 25_557_032
+
+
 def resnet50_param_shapes() -> list[tuple[int, ...]]:
+    """torchvision's ResNet-50 parameter shapes (built on the meta device); without torchvision, one
+    tensor of the same size, so the EMA workloads stay runnable."""
     try:
         import torchvision
         with torch.device("meta"):
             return [tuple(p.shape) for p in torchvision.models.resnet50().parameters()]
     except ImportError:
-        return [(25_557_032,)]
+        return [(RESNET50_PARAMS,)]
 
 
 def _ema_shapes(div: int, quick: bool) -> list[Shape]:
@@ -176,7 +181,7 @@ def _bn_work(shape, dtype):
 
 
 # ---- generator block ----------------------------------------------------------------------------
-# (N, Cin, Cout, H): the block shapes of the issue (input H×H, output 2H×2H)
+# (N, Cin, Cout, H): the generators' block shapes, CIFAR to ImageNet (input H×H, output 2H×2H)
 BLOCK_SHAPES = [(32, 128, 128, 8), (32, 128, 64, 16), (256, 128, 128, 8), (64, 64, 64, 56)]
 
 
@@ -277,7 +282,7 @@ def eager_bn_lrelu(y, scale, shift):
 
 
 def _bn_lrelu_fused(backend):
-    from madfast.ops.upsample_conv.bn_lrelu import bn_lrelu
+    from madfast.ops.bn_lrelu import bn_lrelu
     return lambda y, scale, shift: (bn_lrelu(y, scale, shift, 0.2, backend),)
 
 
@@ -307,11 +312,11 @@ CASES: dict[str, Case] = {
                            _logit_shapes, _logit_work, grads=(0, 1), dispatches=("l1_fwd",)),
     "bn_stats": Case("bn_stats", _bn_make, eager_bn,
                      _fused_loss("bn_stat_loss"),
-                     _bn_shapes, _bn_work, grads=(0,), dispatches=("channel_moments",)),
+                     _bn_shapes, _bn_work, grads=(0,), dispatches=("bn_stat_losses",)),
     "upsample_conv": Case("upsample_conv", _conv_make, eager_upsample_conv, _upsample_conv_fused, _block_shapes,
                           _conv_work, grads=(0, 1), dispatches=("upsample_conv",), convolution=True),
     "block": Case("block", _block_make, eager_block, _block_fused, _block_shapes, _conv_work, grads=(0, 1, 2, 3),
-                  dtypes=(torch.float32, torch.bfloat16, torch.float16), dispatches=("upsample_conv",),
+                  dtypes=(torch.float32, torch.bfloat16, torch.float16), dispatches=("upsample_block",),
                   convolution=True),
     "bn_lrelu": Case("bn_lrelu", _bn_lrelu_make, eager_bn_lrelu, _bn_lrelu_fused, _bn_lrelu_shapes,
                      _bn_lrelu_work, grads=(0, 1, 2), dispatches=("bn_lrelu",)),

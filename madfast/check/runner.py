@@ -31,9 +31,6 @@ from madfast.check.tolerances import FORWARD_FACTOR, GRADIENT_FACTOR, floor, rel
 __all__ = ["CheckOptions", "run_check", "environment", "verified_entries", "FORMAT"]
 
 FORMAT = "madfast-check/1"
-FUSED_BACKENDS = ("cuda", "cpp", "triton", "aten")
-
-
 @dataclass
 class CheckOptions:
     device: torch.device
@@ -284,15 +281,15 @@ def markdown(report: dict) -> str:
 
 # ---- the run ------------------------------------------------------------------------------------
 def _available(case: Case, device: torch.device, skipped: list[str]) -> list[str]:
+    """torch, then every fused backend of the case's ops that runs on ``device``."""
     names = ["torch"]
-    for b in FUSED_BACKENDS:
+    for b in _backend.OPS[case.dispatches[0]].kernels:
         try:
             for op in case.dispatches:
                 _backend.choose(op, b, device)
             names.append(b)
         except _backend.BackendUnavailableError as e:
-            if b != "aten" or case.dispatches[0] in _backend.ATEN_OPS:
-                skipped.append(f"{case.name} / {b}: {e}")
+            skipped.append(f"{case.name} / {b}: {e}")
     return names
 
 

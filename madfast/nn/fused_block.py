@@ -1,7 +1,6 @@
 """The fused path of UpsampleConvBlock: upsample×2 → conv3×3 with BatchNorm's batch moments
 (madfast.ops.upsample_conv.upsample_conv_moments: partials in the Triton GEMM's epilogue, Welford on
-the "aten" path, the BN-statistics moments op on "cpp"/"cuda" — never E[y²]−E[y]²), then
-normalise + LeakyReLU in one pass (bn_lrelu), keeping
+the "aten" path — never E[y²]−E[y]²), then normalise + LeakyReLU in one pass (bn_lrelu), keeping
 nn.BatchNorm2d's semantics (batch statistics and running-stat update in train mode, running
 stats in eval)."""
 
@@ -11,7 +10,7 @@ import torch
 from torch import nn
 
 from madfast.ops.upsample_conv.aten_path import bn_lrelu_aten
-from madfast.ops.upsample_conv.bn_lrelu import bn_lrelu
+from madfast.ops.bn_lrelu import bn_lrelu, fold_bn
 from madfast.ops.upsample_conv.op import upsample_conv_moments
 
 __all__ = ["upsample_conv_bn_lrelu"]
@@ -36,11 +35,6 @@ def upsample_conv_bn_lrelu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
         mean, var = bn.running_mean, bn.running_var
     if backend == "aten":  # BatchNorm's backward rounded once: the stats' gradients folded in fp32
         return bn_lrelu_aten(y, mean, var, bn.weight, bn.bias, bn.eps, negative_slope, batch_stats)
-    scale = torch.rsqrt(var.float() + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.float()
-    shift = -mean.float() * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.float()
+    _, scale, shift = fold_bn(mean, var, bn.weight, bn.bias, bn.eps)
     return bn_lrelu(y, scale, shift, negative_slope, backend)
 

@@ -8,7 +8,6 @@ from torch import nn
 from madfast import _backend
 from madfast._backend import BACKENDS
 from madfast.nn.fused_block import upsample_conv_bn_lrelu
-from madfast.ops.upsample_conv.op import auto_order
 
 __all__ = ["UpsampleConvBlock"]
 
@@ -17,14 +16,14 @@ class UpsampleConvBlock(nn.Sequential):
     """``nn.Sequential(UpsamplingBilinear2d(2), Conv2d(in, out, 3, 1, 1), BatchNorm2d(out), LeakyReLU)``.
 
     A Sequential with the same children, so its state_dict ("1.weight", "2.running_mean", ...)
-    loads into that Sequential and back. With ``backend="triton"``, ``"cuda"`` or ``"cpp"`` (or
-    MADFAST_BACKEND) and no conv bias, the block runs the fused kernels of
+    loads into that Sequential and back. With ``backend="triton"`` (or MADFAST_BACKEND) and no conv
+    bias, the block runs the fused kernels of
     madfast.ops.upsample_conv (no up-sampled tensor in memory, BN moments without E[y²]−E[y]²,
     normalise + LeakyReLU in one pass) with the same train/eval semantics. ``"aten"`` runs ATen's
     own convolution (cuDNN / oneDNN) with everything around it fused: the up-sampled tensor is
     not kept for backward, Welford batch statistics, normalise + LeakyReLU in one pass; its output
     is channels_last. "auto" takes a fused path on a GPU only where `madfast check` verified it
-    (madfast.ops.upsample_conv.op.AUTO), else the torch reference.
+    (madfast._backend.OPS["upsample_block"]), else the torch reference.
     """
 
     def __init__(self, in_channels: int, out_channels: int, scale_factor: int = 2, bias: bool = False,
@@ -53,8 +52,7 @@ class UpsampleConvBlock(nn.Sequential):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"UpsampleConvBlock: x has {x.shape[1]} channels, the block expects "
                              f"in_channels={self.in_channels}")
-        chosen = _backend.choose("upsample_conv", self.backend, x.device, auto=auto_order(x.device), dtype=x.dtype,
-                                 also=("bn_lrelu",))
+        chosen = _backend.choose("upsample_block", self.backend, x.device, x.dtype)
         if chosen != "torch" and self[1].bias is None:
             return upsample_conv_bn_lrelu(x, self[1], self[2], self.negative_slope, chosen)
         return super().forward(x)

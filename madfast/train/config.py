@@ -65,10 +65,10 @@ class DistillConfig:
     ema_buffers: str = _f("average", "G's float buffers in G̃: average | copy [ours: average]")
     ema_bn: str = _f("batch", "BatchNorm of G̃ when sampling: batch statistics | running (its EMA'd statistics) [ours: batch]")
     ema_from_pretrained: bool = _f(True, "G̃ ← G when G's pre-training ends, not G's random initialisation "
-                                   "(--no-ema-from-pretrained: the old behaviour) [ours]")
+                                   "(--no-ema-from-pretrained: from G's initialisation) [ours]")
     share_embedding: bool = _f(False, "G̃ uses G's class embedding table instead of its average [ours: off]")
     student_eval_in_g_step: bool = _f(True, "student in eval mode in the G step: its BN statistics do not move on "
-                                      "G's batch (--no-…: the old behaviour) [practice: CMI/Fast-Datafree]")
+                                      "G's batch (--no-…: train mode) [practice: CMI/Fast-Datafree]")
     augment: bool = _f(False, "random resized crop (scale 0.25–1) + flip of each synthetic sample before the student "
                        "step [practice: Fast-Datafree/CMI; on in the presets, off by default]")
     # --- optimisation ---

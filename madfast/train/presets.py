@@ -62,7 +62,7 @@ def _get(name: str) -> dict[str, tuple[object, str]]:
 
 def preset_values(name: str, fields: set[str] | None = None) -> dict:
     """field → value of preset ``name`` (only those in ``fields`` when given: a field the config
-    lacks, e.g. one another issue has not landed yet, is left out)."""
+    lacks is left out, so a preset may name settings of a newer config)."""
     return {k: v for k, (v, _) in _get(name).items() if fields is None or k in fields}
 
 

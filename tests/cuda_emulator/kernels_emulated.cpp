@@ -9,7 +9,6 @@
 #include "cuda/channel_moments.cuh"
 #include "cuda/ema.cuh"
 #include "cuda/logit_losses.cuh"
-#include "cuda/upsample_conv.cuh"
 
 namespace {
 
@@ -27,18 +26,10 @@ using Optional = std::optional<at::Tensor>;
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace mf = madfast;
   const EmulatedLaunch launch;
-  m.def("upsample_conv", [=](const at::Tensor& x, const at::Tensor& w, bool stats) {
-    return mf::upsample::forward_gpu(x, w, stats, launch);
-  });
-  // sm_count: the multiprocessors the reductions split for (small: few blocks; large: many)
-  m.def("upsample_conv_backward", [=](const at::Tensor& gy, const at::Tensor& x, const at::Tensor& w,
-                                      const Optional& y, const Optional& gs, const Optional& gss, bool gi, bool gw,
-                                      int64_t sm_count) {
-    return mf::upsample::backward_gpu(gy, x, w, y, gs, gss, gi, gw, launch, sm_count);
-  });
   m.def("bn_lrelu", [=](const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, double slope) {
     return mf::bn_lrelu::forward_gpu(y, scale, shift, slope, launch);
   });
+  // sm_count: the multiprocessors the reductions split for (small: few blocks; large: many)
   m.def("bn_lrelu_backward", [=](const at::Tensor& g, const at::Tensor& y, const at::Tensor& scale,
                                  const at::Tensor& shift, double slope, int64_t sm_count) {
     return mf::bn_lrelu::backward_gpu(g, y, scale, shift, slope, launch, sm_count);

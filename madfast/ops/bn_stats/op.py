@@ -17,8 +17,9 @@ from madfast import _backend
 from madfast.ops._checks import check_devices, check_floating
 from madfast.ops._dtypes import acc_dtype
 from madfast.ops._layout import kernel_memory_format
+from madfast.ops._register import present, register
 from madfast.ops.bn_stats.layers import check_layers, layers_key
-from madfast.ops.bn_stats.reference import torch_bn_stat_loss
+from madfast.ops.bn_stats.reference import torch_bn_stat_loss, torch_channel_moments
 
 __all__ = ["bn_stat_loss", "bn_stat_losses", "channel_moments", "check_bn_args"]
 
@@ -44,25 +45,16 @@ def _fake_moments_backward(grad_mean, grad_var, x, mean):
     return torch.empty_like(x)
 
 
-def _moments_setup(backward_op: str):
-    def setup(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0], output[0])
-        ctx.backward_op = backward_op
-    return setup
+def _moments_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], output[0])
 
 
-def _moments_backward(ctx, g_mean, g_var):
+def _moments_backward(backward_op, ctx, g_mean, g_var):
     x, mean = ctx.saved_tensors
     g_mean = torch.zeros_like(mean) if g_mean is None else g_mean
     g_var = torch.zeros_like(mean) if g_var is None else g_var
-    return getattr(torch.ops.madfast, ctx.backward_op)(g_mean, g_var, x, mean)
+    return backward_op(g_mean, g_var, x, mean)
 
-
-if _backend.has_kernel("channel_moments", "CPU") or _backend.has_kernel("channel_moments", "CUDA"):
-    torch.library.register_fake("madfast::channel_moments")(_fake_moments)
-    torch.library.register_fake("madfast::channel_moments_backward")(_fake_moments_backward)
-    torch.library.register_autograd("madfast::channel_moments", _moments_backward,
-                                    setup_context=_moments_setup("channel_moments_backward"))
 
 def _fake_bn_losses(xs, running_means, running_vars):
     check_layers(layers_key(xs, running_means, running_vars, "bn_stat_losses"), "bn_stat_losses")
@@ -78,12 +70,6 @@ def _fake_bn_losses_backward(grad, xs, running_means, running_vars, moments, nor
     return [torch.empty_like(x, memory_format=kernel_memory_format(x)) for x in xs]
 
 
-if _backend.has_kernel("bn_stat_losses", "CPU") or _backend.has_kernel("bn_stat_losses", "CUDA"):
-    torch.library.register_fake("madfast::bn_stat_losses")(_fake_bn_losses)
-    torch.library.register_fake("madfast::bn_stat_losses_backward")(_fake_bn_losses_backward)
-    # autograd: _BnStatLosses below, not register_autograd (whose wrapper costs µs per list element
-    # even under no_grad)
-
 if importlib.util.find_spec("triton") is not None:
     # Opaque custom ops, as in madfast.ops.kl.op.
     from madfast.ops.bn_stats.triton_kernel import (triton_bn_stat_losses, triton_bn_stat_losses_backward,
@@ -98,11 +84,6 @@ if importlib.util.find_spec("triton") is not None:
                                          mean: torch.Tensor) -> torch.Tensor:
         return triton_channel_moments_backward(grad_mean, grad_var, x, mean)
 
-    _channel_moments_triton.register_fake(_fake_moments)
-    _channel_moments_backward_triton.register_fake(_fake_moments_backward)
-    _channel_moments_triton.register_autograd(_moments_backward,
-                                              setup_context=_moments_setup("channel_moments_backward_triton"))
-
     @torch.library.custom_op("madfast::bn_stat_losses_triton", mutates_args=())
     def _bn_stat_losses_triton(xs: list[torch.Tensor], running_means: list[torch.Tensor],
                                running_vars: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -114,18 +95,21 @@ if importlib.util.find_spec("triton") is not None:
                                         norms: torch.Tensor) -> list[torch.Tensor]:
         return triton_bn_stat_losses_backward(grad, xs, running_means, running_vars, moments, norms)
 
-    _bn_stat_losses_triton.register_fake(_fake_bn_losses)
-    _bn_stat_losses_backward_triton.register_fake(_fake_bn_losses_backward)
+
+register("channel_moments", fake=_fake_moments, backward_fake=_fake_moments_backward, setup_context=_moments_setup,
+         backward=_moments_backward)
+# autograd: _BnStatLosses below, not register_autograd (whose wrapper costs µs per list element even
+# under no_grad)
+register("bn_stat_losses", fake=_fake_bn_losses, backward_fake=_fake_bn_losses_backward)
 
 
 def channel_moments(x: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of x (N, C, H, W) over (N, H, W), differentiable;
     (C,) each, fp32 (fp64 for fp64)."""
     check_floating("channel_moments", "x", x, ndim=4)
-    chosen = _backend.choose("channel_moments", backend, x.device)
+    chosen = _backend.choose("channel_moments", backend, x.device, x.dtype)
     if chosen == "torch":
-        xf = x.to(acc_dtype(x.dtype))
-        return xf.mean(dim=(0, 2, 3)), xf.var(dim=(0, 2, 3), unbiased=False)
+        return torch_channel_moments(x)
     return _backend.compiled_op("channel_moments", chosen)(x)
 
 
@@ -146,11 +130,8 @@ def bn_stat_loss(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch
 
 
 # the multi-layer ops of each backend, asked once (no dispatcher query under compile)
-_MULTI_LAYER = {backend: (_backend.compiled_op("bn_stat_losses", backend),
-                          _backend.compiled_op("bn_stat_losses_backward", backend))
-                for backend, present in (("cpp", _backend.has_kernel("bn_stat_losses", "CPU")),
-                                         ("cuda", _backend.has_kernel("bn_stat_losses", "CUDA")),
-                                         ("triton", importlib.util.find_spec("triton") is not None)) if present}
+_MULTI_LAYER = {backend: (getattr(torch.ops.madfast, fwd), getattr(torch.ops.madfast, bwd))
+                for backend, (fwd, bwd) in _backend.OPS["bn_stat_losses"].kernels.items() if present(fwd)}
 
 
 class _BnStatLosses(torch.autograd.Function):
@@ -192,7 +173,7 @@ def bn_stat_losses(xs: list[torch.Tensor], running_means: list[torch.Tensor], ru
     if not len(running_means) == len(running_vars) == len(xs):
         raise ValueError(f"bn_stat_losses: x has {len(xs)} tensors but running_mean has {len(running_means)} "
                          f"and running_var {len(running_vars)}")
-    chosen = _backend.choose("channel_moments", backend, xs[0].device)
+    chosen = _backend.choose("bn_stat_losses", backend, xs[0].device)
     if chosen != "torch":
         return _BnStatLosses.apply(_MULTI_LAYER[chosen], len(xs), *xs, *running_means, *running_vars)
     acc = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32

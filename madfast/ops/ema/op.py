@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from madfast import _backend
+from madfast.ops._register import register
 from madfast.ops.ema.reference import torch_ema_update_
 
 __all__ = ["ema_update_", "check_ema_args", "check_decay"]
@@ -85,9 +86,6 @@ def _fake_ema_update_(ema_tensors, tensors, decay, decay_value=0.0, sr_seed=-1, 
     check_ema_args(ema_tensors, tensors, decay if decay is not None else decay_value)
 
 
-if _backend.has_kernel("ema_update_", "CPU") or _backend.has_kernel("ema_update_", "CUDA"):
-    torch.library.register_fake("madfast::ema_update_")(_fake_ema_update_)
-
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 if _HAS_TRITON:
     from madfast.ops.ema.triton_kernel import triton_ema_update_
@@ -97,8 +95,10 @@ if _HAS_TRITON:
                               weight: torch.Tensor) -> None:
         triton_ema_update_(ema_tensors, tensors, weight)
 
-    _ema_update_triton_op.register_fake(lambda ema_tensors, tensors, weight: check_ema_args(ema_tensors, tensors,
-                                                                                              weight))
+
+register("ema_update_", fake=_fake_ema_update_, backends=("cpp", "cuda"))
+register("ema_update_", fake=lambda ema_tensors, tensors, weight: check_ema_args(ema_tensors, tensors, weight),
+         backends=("triton",))
 
 
 def compiled_ema_update_(ema_tensors, tensors, decay, seed: int | None, step: int, host_table=None,

@@ -16,6 +16,7 @@ import torch
 from madfast import _backend
 from madfast.ops._checks import check_choice, check_devices, check_floating, check_positive, check_same
 from madfast.ops._dtypes import acc_dtype
+from madfast.ops._register import register
 from madfast.ops.kl.reference import REDUCTIONS, torch_kl_div
 
 __all__ = ["kl_div", "kl_loss", "l1_loss", "check_kl_args"]
@@ -65,32 +66,24 @@ def _fake_l1_bwd(grad, s, t, total, reduction, sign, bound, grad_s, grad_t):
     return _fake_grads(s, grad_s, grad_t)
 
 
-def _setup(backward_op: str, n_saved_outputs: int):
+def _setup(n_saved_outputs: int):
     """Saves the logits, the forward's statistics/total and the scalar arguments; only the loss
     has a gradient."""
     def setup(ctx, inputs, output):
-        extra = output[1:1 + n_saved_outputs]
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)  # no zeros for the statistics' (absent) gradients
-        ctx.save_for_backward(inputs[0], inputs[1], *extra)
+        ctx.save_for_backward(inputs[0], inputs[1], *output[1:1 + n_saved_outputs])
         ctx.scalars = inputs[2:]
-        ctx.backward_op = backward_op
     return setup
 
 
-def _backward(ctx, grad_loss, *_):
+def _backward(backward_op, ctx, grad_loss, *_):
     want_s, want_t = ctx.needs_input_grad[:2]
     if grad_loss is None:  # the loss took no part in what was differentiated
         return (None,) * (2 + len(ctx.scalars))
-    gs, gt = getattr(torch.ops.madfast, ctx.backward_op)(grad_loss, *ctx.saved_tensors, *ctx.scalars, want_s, want_t)
+    gs, gt = backward_op(grad_loss, *ctx.saved_tensors, *ctx.scalars, want_s, want_t)
     return (gs if want_s else None, gt if want_t else None) + (None,) * len(ctx.scalars)
 
-
-for _name, _fake_fwd, _fake_bwd, _n in (("kl_div", _fake_kl_fwd, _fake_kl_bwd, 2), ("l1", _fake_l1_fwd, _fake_l1_bwd, 1)):
-    if _backend.has_kernel(f"{_name}_fwd", "CPU") or _backend.has_kernel(f"{_name}_fwd", "CUDA"):
-        torch.library.register_fake(f"madfast::{_name}_fwd")(_fake_fwd)
-        torch.library.register_fake(f"madfast::{_name}_bwd")(_fake_bwd)
-        torch.library.register_autograd(f"madfast::{_name}_fwd", _backward, setup_context=_setup(f"{_name}_bwd", _n))
 
 if importlib.util.find_spec("triton") is not None:
     # Opaque custom ops rather than triton_op: the same registration then runs (and is tested)
@@ -123,12 +116,10 @@ if importlib.util.find_spec("triton") is not None:
         return _tk.triton_l1_bwd(grad_loss, student_logits, teacher_logits, total, reduction, sign, bound,
                                  grad_student, grad_teacher)
 
-    for _fwd, _bwd, _fake_fwd, _fake_bwd, _n in (
-            (_kl_div_fwd_triton, _kl_div_bwd_triton, _fake_kl_fwd, _fake_kl_bwd, 2),
-            (_l1_fwd_triton, _l1_bwd_triton, _fake_l1_fwd, _fake_l1_bwd, 1)):
-        _fwd.register_fake(_fake_fwd)
-        _bwd.register_fake(_fake_bwd)
-        _fwd.register_autograd(_backward, setup_context=_setup(_bwd._name.split("::")[-1], _n))
+
+# the row statistics and total (KL) / the total (L1) are saved for the backward
+register("kl_div_fwd", fake=_fake_kl_fwd, backward_fake=_fake_kl_bwd, setup_context=_setup(2), backward=_backward)
+register("l1_fwd", fake=_fake_l1_fwd, backward_fake=_fake_l1_bwd, setup_context=_setup(1), backward=_backward)
 
 
 def kl_loss(s: torch.Tensor, t: torch.Tensor, temperature: float, reduction: str, sign: float, bound: float | None,

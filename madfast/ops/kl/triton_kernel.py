@@ -261,9 +261,11 @@ def _grad_args(grad, s, reduction):
     return grad, 0 if reduction != "none" else grad.stride(0)
 
 
-def triton_kl_div_bwd(grad, s, t, stats, total, temperature: float, reduction: str, sign: float,
-                      bound: float | None, grad_s: bool, grad_t: bool):
-    """(∂loss/∂s or empty, ∂loss/∂t or empty) in the logits' dtype."""
+def _launch_bwd(kernel, s, t, stats: tuple, grad, total, scalars: tuple, reduction: str, sign: float,
+                bound: float | None, grad_s: bool, grad_t: bool):
+    """Runs a backward kernel, ``kernel(s, t, *stats, grad, total, gs, gt, B, C, strides, *scalars,
+    factor, sign, bound)``, over the rows; returns (∂loss/∂s or empty, ∂loss/∂t or empty) in the
+    logits' dtype."""
     s, t = _rows_contiguous(s), _rows_contiguous(t)
     (B, C), acc = s.shape, acc_dtype(s.dtype)
     gs = s.new_empty((B, C) if grad_s else (0,))
@@ -272,26 +274,21 @@ def triton_kl_div_bwd(grad, s, t, stats, total, temperature: float, reduction: s
         return gs, gt
     grad, g_stride = _grad_args(grad, s, reduction)
     block_c, rows, warps = launch_config(B, C)
-    _kl_bwd_kernel[(triton.cdiv(B, rows),)](
-        s, t, stats, grad, total, gs, gt, B, C, s.stride(0), t.stride(0), g_stride, 1.0 / temperature,
-        float(temperature), reduction_factor(reduction, B, C), sign, 0.0 if bound is None else float(bound),
+    kernel[(triton.cdiv(B, rows),)](
+        s, t, *stats, grad, total, gs, gt, B, C, s.stride(0), t.stride(0), g_stride, *scalars,
+        reduction_factor(reduction, B, C), sign, 0.0 if bound is None else float(bound),
         ACC=TL_DTYPES[acc], REDUCED=reduction != "none", HAS_BOUND=bound is not None, GRAD_S=grad_s,
         GRAD_T=grad_t, ROWS=rows, BLOCK_C=block_c, num_warps=warps)
     return gs, gt
 
 
+def triton_kl_div_bwd(grad, s, t, stats, total, temperature: float, reduction: str, sign: float,
+                      bound: float | None, grad_s: bool, grad_t: bool):
+    """(∂loss/∂s or empty, ∂loss/∂t or empty) in the logits' dtype."""
+    return _launch_bwd(_kl_bwd_kernel, s, t, (stats,), grad, total, (1.0 / temperature, float(temperature)),
+                       reduction, sign, bound, grad_s, grad_t)
+
+
 def triton_l1_bwd(grad, s, t, total, reduction: str, sign: float, bound: float | None, grad_s: bool, grad_t: bool):
     """(∂loss/∂s or empty, ∂loss/∂t or empty) in the logits' dtype."""
-    s, t = _rows_contiguous(s), _rows_contiguous(t)
-    (B, C), acc = s.shape, acc_dtype(s.dtype)
-    gs = s.new_empty((B, C) if grad_s else (0,))
-    gt = s.new_empty((B, C) if grad_t else (0,))
-    if B == 0 or not (grad_s or grad_t):
-        return gs, gt
-    grad, g_stride = _grad_args(grad, s, reduction)
-    block_c, rows, warps = launch_config(B, C)
-    _l1_bwd_kernel[(triton.cdiv(B, rows),)](
-        s, t, grad, total, gs, gt, B, C, s.stride(0), t.stride(0), g_stride, reduction_factor(reduction, B, C),
-        sign, 0.0 if bound is None else float(bound), ACC=TL_DTYPES[acc], REDUCED=reduction != "none",
-        HAS_BOUND=bound is not None, GRAD_S=grad_s, GRAD_T=grad_t, ROWS=rows, BLOCK_C=block_c, num_warps=warps)
-    return gs, gt
+    return _launch_bwd(_l1_bwd_kernel, s, t, (), grad, total, (), reduction, sign, bound, grad_s, grad_t)

@@ -20,11 +20,11 @@ from madfast import _backend
 from madfast.ops._checks import check_devices, check_same
 from madfast.ops._dtypes import acc_dtype
 from madfast.ops._layout import kernel_memory_format
+from madfast.ops.bn_lrelu import bn_lrelu, fold_bn
+from madfast.ops.bn_stats.op import channel_moments
 from madfast.ops.upsample_conv.bilinear_adjoint import torch_bilinear_adjoint
-from madfast.ops.upsample_conv.bn_lrelu import bn_lrelu
-from madfast.ops.upsample_conv.moments import channel_moments
 
-__all__ = ["upsample_conv_aten", "bn_lrelu_aten", "tail_backend"]
+__all__ = ["upsample_conv_aten", "bn_lrelu_aten"]
 
 CL = torch.channels_last
 
@@ -143,26 +143,12 @@ def upsample_conv_aten(x: torch.Tensor, weight: torch.Tensor,
 
 # ---- the block's tail on this path: BatchNorm (batch or running statistics) + LeakyReLU ----
 
-def tail_backend(device: torch.device) -> str:
-    """The bn_lrelu kernel the aten path normalises with: C++/CUDA, else Triton on a GPU, else torch."""
-    key = "CUDA" if device.type == "cuda" else "CPU"
-    if _backend.extension_loaded() and _backend.has_kernel("bn_lrelu", key):
-        return "cuda" if key == "CUDA" else "cpp"
-    return "triton" if device.type == "cuda" and _backend.triton_usable(device) else "torch"
-
-
-def _scale_shift(mean, var, weight, bias, eps):
-    invstd = torch.rsqrt(var.float() + eps)
-    scale = invstd * weight.float() if weight is not None else invstd
-    shift = -mean.float() * scale
-    return invstd, scale, (shift + bias.float() if bias is not None else shift)
-
-
 @torch.library.custom_op("madfast::bn_lrelu_aten", mutates_args=())
 def _bn_lrelu(y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
               bias: torch.Tensor | None, eps: float, negative_slope: float, batch_stats: bool) -> torch.Tensor:
-    _, scale, shift = _scale_shift(mean, var, weight, bias, eps)
-    return bn_lrelu(y, scale, shift, negative_slope, tail_backend(y.device))
+    _, scale, shift = fold_bn(mean, var, weight, bias, eps)
+    # the forward only: this op's backward is the formula below, so no atomics run
+    return bn_lrelu(y, scale, shift, negative_slope, _backend.choose("bn_lrelu", "auto", y.device, y.dtype))
 
 
 @_bn_lrelu.register_fake
@@ -179,7 +165,7 @@ def _bn_lrelu_backward(grad: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, 
     backward): with batch statistics it includes their dependence on y, through y − mean taken
     explicitly. The (C,) gradients are fp32 (fp64 for fp64)."""
     acc = acc_dtype(y.dtype)
-    invstd, scale, shift = (t.to(acc) for t in _scale_shift(mean, var, weight, bias, eps))
+    invstd, scale, shift = (t.to(acc) for t in fold_bn(mean, var, weight, bias, eps))
     c = (1, -1, 1, 1)
     yf = y.to(acc)
     g = grad.to(acc)

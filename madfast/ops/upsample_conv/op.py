@@ -1,22 +1,19 @@
 """madfast.ops.upsample_conv: conv3×3(bilinear-upsample×2(x)) with BatchNorm's per-channel statistics.
 
+Backends: "torch" (reference.py: F.interpolate then F.conv2d), "aten" and "triton".
 "aten" (``madfast::upsample_conv_aten``, aten_path.py): ATen's convolution (cuDNN / oneDNN) on an
 up-sampled tensor that is not kept for backward, Welford batch moments, a gather-form bilinear
-adjoint. No other compiled backend ever writes the up-sampled tensor. "triton"
-(``madfast::upsample_conv_triton``): the forward is an implicit GEMM whose loader interpolates,
-with per-tile mean/M2 partials in the epilogue (Chan-combined: batch mean and variance), the weight
-gradient the same GEMM transposed, the input gradient a conv-transpose GEMM chained with the
-bilinear adjoint per tile of input pixels. "cuda" and "cpp" (``madfast::upsample_conv``, csrc/):
-the same three computations with the sums Σy, Σy², tiled SIMT GEMMs on the GPU and row-at-a-time
-loops on the CPU sharing their per-element math (csrc/upsample_conv.h) — the CUDA ones are kept as
-the oracle that tests/cuda_emulator runs on the CPU, not as a speed path (no tensor cores); BatchNorm's
-moments on these two come from the BN-statistics moments op of the same backend, not from the sums.
-Every backward folds the gradients of the statistics into grad_y. None is measured on a GPU yet, so
-"auto" keeps the torch reference until `madfast check` verifies one (AUTO).
+adjoint. "triton" (``madfast::upsample_conv_triton``): the forward is an implicit GEMM whose loader
+interpolates and never writes the up-sampled tensor, with per-tile mean/M2 partials in the epilogue
+(Chan-combined: batch mean and variance), the weight gradient the same GEMM transposed, the input
+gradient a conv-transpose GEMM chained with the bilinear adjoint per tile of input pixels. Both
+give (y, batch mean, biased batch variance); ``upsample_conv(stats=True)`` derives Σy and Σy² from
+those, so its statistics are the same quantity on every backend. Every backward folds the
+gradients of the statistics into grad_y. The correctness oracle is the fp64 formula in the tests.
 
-Measured (2-core CPU, torch 2.14.1, fp32, train-mode block fwd+bwd, 2026-11-25): "cpp" runs at
-0.05–0.11× eager (oneDNN's convolution on the materialised upsample), so on CPUs the reference
-stays; the GPU comparison against cuDNN, which decides "auto" there, is still to be made.
+"auto": on CPU tensors the torch reference (oneDNN's convolution on the materialised upsample);
+on CUDA tensors "aten", then "triton", each only where `madfast check` verified it on this GPU
+architecture, else the torch reference (madfast._backend.OPS).
 """
 
 from __future__ import annotations
@@ -30,10 +27,10 @@ from madfast.ops._checks import check_devices, check_floating, check_same
 from madfast.ops._dtypes import acc_dtype
 from madfast.ops._layout import kernel_memory_format
 from madfast.ops.upsample_conv.aten_path import upsample_conv_aten
-from madfast.ops.upsample_conv.moments import torch_channel_moments
+from madfast.ops.bn_stats.reference import torch_channel_moments
 from madfast.ops.upsample_conv.reference import torch_upsample_conv
 
-__all__ = ["upsample_conv", "upsample_conv_moments", "AUTO", "auto_order"]
+__all__ = ["upsample_conv", "upsample_conv_moments"]
 
 
 def _check(x, weight) -> None:
@@ -46,9 +43,8 @@ def _check(x, weight) -> None:
                          f"channels, got {tuple(weight.shape)}")
 
 
-def _check_backward(grad_y, x, weight, y, grad_sum, grad_sumsq, names=("grad_sum", "grad_sumsq")) -> None:
-    """The backward op's own checks (the C++ op makes the same ones in csrc/upsample_conv.h);
-    ``names``: what the two (Cout,) gradients are called in the op's schema."""
+def _check_backward(grad_y, x, weight, y, grad_mean, grad_var) -> None:
+    """The backward op's own checks, naming each argument as its schema does."""
     op = "upsample_conv_backward"
     _check(x, weight)
     out_shape = (x.shape[0], weight.shape[0], 2 * x.shape[2], 2 * x.shape[3])
@@ -56,14 +52,14 @@ def _check_backward(grad_y, x, weight, y, grad_sum, grad_sumsq, names=("grad_sum
     check_same(op, "grad_y", grad_y, "x", x, shape=False)
     if tuple(grad_y.shape) != out_shape:
         raise ValueError(f"{op}: grad_y must have shape {out_shape}, got {tuple(grad_y.shape)}")
-    for name, t in zip(names, (grad_sum, grad_sumsq)):
+    for name, t in (("grad_mean", grad_mean), ("grad_var", grad_var)):
         if t is not None and tuple(t.shape) != (weight.shape[0],):
             raise ValueError(f"{op}: {name} must have shape ({weight.shape[0]},), got {tuple(t.shape)}")
         if t is not None:
             check_same(op, name, t, "x", x, shape=False, dtype=False)
-    if grad_sumsq is not None:
+    if grad_var is not None:
         if y is None:
-            raise ValueError(f"{op}: y (the forward's output) must be given when {names[1]} is")
+            raise ValueError(f"{op}: y (the forward's output) must be given when grad_var is")
         check_same(op, "y", y, "grad_y", grad_y)
 
 
@@ -81,34 +77,6 @@ def _grad_buffers(x, weight, grad_input, grad_weight):
     return (torch.empty_like(x) if grad_input else x.new_empty(0),
             torch.empty_like(weight) if grad_weight else weight.new_empty(0))
 
-
-def _fake_backward(grad_y, x, weight, y, grad_sum, grad_sumsq, grad_input, grad_weight):
-    _check_backward(grad_y, x, weight, y, grad_sum, grad_sumsq)  # a meta argument beside real ones lands here
-    return _grad_buffers(x, weight, grad_input, grad_weight)
-
-
-def _setup(backward_op: str):
-    def setup(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0], inputs[1], output[0] if inputs[2] else None)
-        ctx.backward_op = backward_op
-    return setup
-
-
-def _backward(ctx, g_y, g_sum, g_sumsq):
-    x, weight, y = ctx.saved_tensors
-    # Train-mode BatchNorm differentiates through the batch statistics; the kernels fold those
-    # gradients into grad_y as they read it (see the backward schema in csrc/madfast.cpp).
-    g_sum = g_sum if g_sum is not None and g_sum.numel() else None
-    g_sumsq = g_sumsq if g_sumsq is not None and g_sumsq.numel() else None
-    g_x, g_w = getattr(torch.ops.madfast, ctx.backward_op)(
-        g_y, x, weight, y if g_sumsq is not None else None, g_sum, g_sumsq, *ctx.needs_input_grad[:2])
-    return (g_x if ctx.needs_input_grad[0] else None), (g_w if ctx.needs_input_grad[1] else None), None
-
-
-if _backend.has_kernel("upsample_conv", "CPU") or _backend.has_kernel("upsample_conv", "CUDA"):
-    torch.library.register_fake("madfast::upsample_conv")(_fake)
-    torch.library.register_fake("madfast::upsample_conv_backward")(_fake_backward)
-    torch.library.register_autograd("madfast::upsample_conv", _backward, setup_context=_setup("upsample_conv_backward"))
 
 if importlib.util.find_spec("triton") is not None:
     from madfast.ops.upsample_conv.triton_kernel import (
@@ -128,7 +96,7 @@ if importlib.util.find_spec("triton") is not None:
                                        y: torch.Tensor | None, mean: torch.Tensor | None,
                                        grad_mean: torch.Tensor | None, grad_var: torch.Tensor | None,
                                        grad_input: bool, grad_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_backward(grad_y, x, weight, y, grad_mean, grad_var, names=("grad_mean", "grad_var"))
+        _check_backward(grad_y, x, weight, y, grad_mean, grad_var)
         if grad_var is not None and mean is None:
             raise ValueError("upsample_conv_backward: mean (the forward's output) must be given when grad_var is")
         # ∂mean/∂y = 1/M, ∂var/∂y = 2(y − mean)/M: the kernels' fold with g_Σ = g_mean/M, g_Σ² = g_var/M;
@@ -156,7 +124,7 @@ if importlib.util.find_spec("triton") is not None:
         return (g_x if ctx.needs_input_grad[0] else None), (g_w if ctx.needs_input_grad[1] else None), None
 
     def _fake_backward_triton(grad_y, x, weight, y, mean, grad_mean, grad_var, grad_input, grad_weight):
-        _check_backward(grad_y, x, weight, y, grad_mean, grad_var, names=("grad_mean", "grad_var"))
+        _check_backward(grad_y, x, weight, y, grad_mean, grad_var)
         check_devices("upsample_conv_backward", "x", x, mean=mean)
         return _grad_buffers(x, weight, grad_input, grad_weight)
 
@@ -170,17 +138,6 @@ def _moments_op(backend: str):
     return upsample_conv_aten if backend == "aten" else torch.ops.madfast.upsample_conv_triton
 
 
-# The candidates "auto" tries, per device type, in order. On CUDA tensors each fused one is taken
-# only where `madfast check` verified it on this GPU architecture (madfast._verified); on CPUs the
-# reference stays (oneDNN on the materialised upsample beats the C++ kernels, see above).
-AUTO = {"cuda": ("aten", "triton", "cuda", "torch"), "cpu": ("torch",)}
-
-
-def auto_order(device: torch.device) -> tuple[str, ...]:
-    """AUTO's candidates for tensors on ``device``."""
-    return AUTO.get(device.type, ("torch",))
-
-
 def upsample_conv(x: torch.Tensor, weight: torch.Tensor, *, stats: bool = False,
                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """conv3×3(bilinear-upsample×2(x)), stride 1, padding 1, no bias.
@@ -189,27 +146,30 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, *, stats: bool = False,
         x: (N, Cin, H, W), contiguous or channels_last.
         weight: (Cout, Cin, 3, 3), same dtype and device.
         stats: also return Σy and Σy² per output channel (fp32, fp64 for fp64), for BatchNorm.
-        backend: "auto" (see AUTO), "torch", "triton", "cuda", "cpp" or "aten" (fused around
-            ATen's convolution; y is then channels_last).
+        backend: "auto" (madfast._backend.OPS), "torch", "triton" or "aten" (fused around ATen's
+            convolution; y is then channels_last).
     Returns:
         (y (N, Cout, 2H, 2W), Σy or None, Σy² or None).
     """
     _check(x, weight)
-    chosen = _backend.choose("upsample_conv", backend, x.device, auto=auto_order(x.device), dtype=x.dtype)
-    if chosen in ("aten", "triton"):  # these give the batch moments: the sums derive from them
-        y, mean, var = _moments_op(chosen)(x, weight, stats)
-        if not stats:
-            return y, None, None
-        count = y.numel() // max(y.shape[1], 1)
-        return y, mean * count, (var + mean.square()) * count
+    chosen = _backend.choose("upsample_conv", backend, x.device, dtype=x.dtype)
     if chosen == "torch":
         y = torch_upsample_conv(x, weight)
         if not stats:
             return y, None, None
         yf = y.to(acc_dtype(y.dtype))
         return y, yf.sum((0, 2, 3)), yf.square().sum((0, 2, 3))
-    y, s, ss = _backend.compiled_op("upsample_conv", chosen)(x, weight, stats)
-    return (y, s, ss) if stats else (y, None, None)
+    # "aten" and "triton" give the batch moments: Σy = M·mean and Σy² = M·(var + mean²) over the
+    # M = N·2H·2W values of a channel. With no values there are no moments; the sums, taken of
+    # the empty y as the reference takes them, are 0 (and differentiable like the reference's).
+    count = x.shape[0] * 4 * x.shape[2] * x.shape[3]
+    y, mean, var = _moments_op(chosen)(x, weight, stats and count > 0)
+    if not stats:
+        return y, None, None
+    if count == 0:
+        yf = y.to(acc_dtype(y.dtype))
+        return y, yf.sum((0, 2, 3)), yf.square().sum((0, 2, 3))
+    return y, mean * count, (var + mean.square()) * count
 
 
 def upsample_conv_moments(x: torch.Tensor, weight: torch.Tensor, *, stats: bool = True,
@@ -218,19 +178,12 @@ def upsample_conv_moments(x: torch.Tensor, weight: torch.Tensor, *, stats: bool 
     normalises y with; the moments (fp32, fp64 for fp64) are None when ``stats`` is False.
 
     No backend takes the variance as E[y²]−E[y]² (which loses it in fp32 when |mean| ≫ std):
-    "aten" and "triton" by Welford / Chan-combined partials of their own; "cpp" and "cuda" by the
-    same backend's BN-statistics moments op (pivoted partials combined in a fixed order — no float
-    atomics) on y; "torch" by ATen's var_mean."""
+    "aten" and "triton" by Welford / Chan-combined partials of their own, "torch" by ATen's
+    var_mean."""
     _check(x, weight)
-    chosen = _backend.choose("upsample_conv", backend, x.device, auto=auto_order(x.device), dtype=x.dtype)
-    if chosen in ("aten", "triton"):
-        y, mean, var = _moments_op(chosen)(x, weight, stats)
-        return (y, mean, var) if stats else (y, None, None)
-    # the ops themselves (x checked, backend chosen above); channel_moments not through bn_stats'
-    # front end: the block's backend is chosen (and verified) as upsample_conv's, and `madfast check`
-    # must not credit the block's time to channel_moments
+    chosen = _backend.choose("upsample_conv", backend, x.device, dtype=x.dtype)
     if chosen == "torch":
         y = torch_upsample_conv(x, weight)
         return (y, *torch_channel_moments(y)) if stats else (y, None, None)
-    y = _backend.compiled_op("upsample_conv", chosen)(x, weight, False)[0]
-    return (y, *_backend.compiled_op("channel_moments", chosen)(y)) if stats else (y, None, None)
+    y, mean, var = _moments_op(chosen)(x, weight, stats)
+    return (y, mean, var) if stats else (y, None, None)

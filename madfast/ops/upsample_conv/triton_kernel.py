@@ -7,7 +7,7 @@ precision, fp32 accumulation; fp64 in fp64).
   it interpolates the tile's 10×10 up-sampled halo once (four loads along the channels per pixel)
   and reads the nine taps from it as shifted views (tl.gather). The epilogue writes each tile's
   per-channel pivot (its first value), mean − pivot and Σ(y − mean)² in the accumulation dtype,
-  merged in fp64 by moments.chan_combine in a fixed order into BatchNorm's batch mean and variance
+  merged in fp64 by bn_stats.reference.chan_combine in a fixed order into BatchNorm's batch mean and variance
   (no E[y²]−E[y]² cancellation, no atomics, no fp64 arithmetic in the kernel below fp64 inputs).
 - Weight gradient: the reduction over pixels split over programs, each owning one tap and a run
   of channels, so the bilinear sources are computed per (pixel, tap); partials summed in order.
@@ -32,7 +32,7 @@ import triton.language as tl
 from madfast.ops._dtypes import acc_dtype
 from madfast.ops._layout import kernel_memory_format
 from madfast.ops._triton import interpreted
-from madfast.ops.upsample_conv.moments import chan_combine
+from madfast.ops.bn_stats.reference import chan_combine
 
 __all__ = ["GradFold", "triton_upsample_conv_fwd", "triton_upsample_conv_grad_weight",
            "triton_upsample_conv_grad_input"]
