@@ -3,15 +3,19 @@
 # nvcc, pytest and pytest-benchmark but no package registries. In order of value, each step's output
 # written to DIR as it goes (8 files at most, so that all of them come back from a lent machine):
 #   1. build.log              the extension, built for this GPU's architecture only, with every core
-#   2. check.{log,json,md}    madfast check --device cuda: every kernel verified, then timed
+#   2. step.{log,json}        madfast bench step: one whole MAD iteration (CIFAR ResNet-34 → ResNet-18,
+#                             batch 256) for the eager fp32 reference, madfast's default and the default
+#                             compiled, by phase, op kind and network: the whole-iteration ratio first
+#   3. check.{log,json,md}    madfast check --device cuda: every kernel verified, then timed
 #      verified-entries.json  what that run verifies for 'auto' (commit into madfast/verified.json)
-#   3. pytest.log             the test suite on the GPU (Triton compiled, CUDA kernels live)
-#   4. bench.{log,json}       the benchmark suites, short
-# Each step has a time limit (seconds, overridable: BUILD_S, CHECK_S, TEST_S, BENCH_S); the defaults
-# add up to 9 minutes (first H100 run: build 48 s; the check's correctness pass needs ~130 s per
-# dtype, most of it Triton compiling each shape, so the check covers fp32 and bf16 — CHECK_DTYPES — and
-# leaves the rest of its time to timing, which verified dispatch needs; the tests cover fp16/fp64;
-# the benchmark suites run only with BENCH_S > 0). `--dry-run` prints the steps without running them.
+#   4. pytest.log             the test suite on the GPU (Triton compiled, CUDA kernels live)
+#   5. bench.{log,json}       the benchmark suites, short (only with BENCH_S > 0: then 10 files, and
+#                             a lent machine returns 8 — drop check.md and verified-entries.json)
+# Each step has a time limit (seconds, overridable: BUILD_S, STEP_S, CHECK_S, TEST_S, BENCH_S); the defaults
+# add up to 10 minutes, one device call (first H100 run: build 48 s; the check's correctness pass needs
+# ~130 s per dtype, most of it Triton compiling each shape, so the check covers fp32 — CHECK_DTYPES, add
+# bfloat16 with CHECK_S=380 — and leaves the rest of its time to timing, which verified dispatch needs;
+# the tests cover bf16/fp16/fp64; the benchmark suites run only with BENCH_S > 0). `--dry-run` prints the steps without running them.
 # Exit status: 0 when the build, the check and the tests passed; else the first failing step's.
 set -uo pipefail
 
@@ -19,8 +23,8 @@ dry=0
 if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
 out=${1:?usage: benchmarks/gpu_check.sh [--dry-run] OUT_DIR}
 PYTHON=${PYTHON:-python3}
-BUILD_S=${BUILD_S:-120} CHECK_S=${CHECK_S:-330} TEST_S=${TEST_S:-90} BENCH_S=${BENCH_S:-0}
-CHECK_DTYPES=${CHECK_DTYPES:-float32,bfloat16}
+BUILD_S=${BUILD_S:-120} STEP_S=${STEP_S:-150} CHECK_S=${CHECK_S:-240} TEST_S=${TEST_S:-90} BENCH_S=${BENCH_S:-0}
+CHECK_DTYPES=${CHECK_DTYPES:-float32}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -59,11 +63,16 @@ TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$(nproc) MADFAST_CUDA=1 \
   step build "$BUILD_S" "$out/build.log" bash -c "$PYTHON -m pip install --no-deps --no-build-isolation -e . \
   || $PYTHON setup.py build_ext --inplace"
 
-# 2. Every kernel checked (values and gradients, all dtypes), then timed until CHECK_S is nearly spent.
+# 2. The whole iteration, eager / default / compiled (the compile takes most of this step's time).
+step step "$STEP_S" "$out/step.log" $PYTHON -m madfast bench step --device cuda --providers eager,default,default_compile \
+  --rounds 10 --out "$out/step-tmp"
+if [ $dry = 0 ]; then mv "$out"/step-tmp/step-*.json "$out/step.json" 2>/dev/null; rm -rf "$out/step-tmp"; fi
+
+# 3. Every kernel checked (values and gradients, all dtypes), then timed until CHECK_S is nearly spent.
 step check "$CHECK_S" "$out/check.log" $PYTHON -m madfast check --device cuda --dtypes "$CHECK_DTYPES" --out "$out" --no-progress \
   --time-budget $((CHECK_S - 40))
 
-# 3. The test suite on the GPU: the kernel tests first, then the rest; not the CPU-only rehearsals
+# 4. The test suite on the GPU: the kernel tests first, then the rest; not the CPU-only rehearsals
 #    (emulator, CMake, compile-for-sm_90 resource, instruction-mix and fp64 checks) or the slow trainer runs.
 kernel_tests="tests/test_upsample_conv.py tests/test_upsample_block.py tests/test_losses.py tests/test_ema_op.py
   tests/test_fused_ema.py tests/test_loss_modules.py tests/test_generator.py tests/test_build.py"
@@ -72,7 +81,7 @@ other_tests=$(ls tests/test_*.py | grep -v -e test_cuda_emulated -e test_cmake -
 step tests "$TEST_S" "$out/pytest.log" $PYTHON -m pytest $kernel_tests $other_tests -v --tb=short -ra -p no:cacheprovider \
   -m "not slow" --durations=10
 
-# 4. The benchmarks, few rounds each (BENCH_S > 0).
+# 5. The benchmarks, few rounds each (BENCH_S > 0).
 [ "$BENCH_S" -gt 0 ] && MADFAST_BENCH_ROUNDS=5 step bench "$BENCH_S" "$out/bench.log" $PYTHON -m pytest benchmarks -q -p no:cacheprovider \
   -o python_files='bench_*.py' -o testpaths= --benchmark-json="$out/bench.json" \
   --benchmark-columns=mean,rounds || true  # speed is measured, not asserted

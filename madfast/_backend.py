@@ -21,7 +21,7 @@ import torch
 from madfast import _verified
 
 __all__ = ["BACKENDS", "OPS", "Op", "BackendUnavailableError", "extension_loaded", "has_kernel", "triton_usable",
-           "choose", "compiled_op", "why_nondeterministic"]
+           "choose", "compiled_op", "preferred", "why_nondeterministic"]
 
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp", "aten")
 
@@ -154,6 +154,14 @@ def why_nondeterministic(op: str, backend: str, device: torch.device) -> str | N
     return f"{op} on the {backend} backend uses {how}" if how else None
 
 
+def preferred(op: str, backend: str) -> str:
+    """``backend`` where ``op`` has it, else "auto": a backend named for a whole model or run (the
+    trainer's --backend, $MADFAST_BACKEND) is a preference, and an op without it picks its own."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend if backend in ("auto", "torch") or backend in _spec(op).kernels else "auto"
+
+
 @torch.compiler.assume_constant_result  # asked once per trace: no graph break under torch.compile
 def choose(op: str, backend: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The backend that runs ``op`` (a key of OPS) on ``device``: ``backend``, else
@@ -167,8 +175,7 @@ def choose(op: str, backend: str | None, device: torch.device, dtype: torch.dtyp
         backend = os.environ.get("MADFAST_BACKEND", "auto") or "auto"
         if backend not in BACKENDS:
             raise ValueError(f"MADFAST_BACKEND must be one of {BACKENDS}, got {backend!r}")
-        if backend not in ("auto", "torch") and backend not in _spec(op).kernels:
-            backend = "auto"  # the variable is a preference for every op: one without that backend picks its own
+        backend = preferred(op, backend)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     deterministic = torch.are_deterministic_algorithms_enabled()

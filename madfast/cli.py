@@ -103,11 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop timing (not checking) once the run has taken this long")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
-    p = sub.add_parser("bench", help="run the pytest-benchmark suites; write a markdown table and a PNG chart "
-                       "of speed-ups vs eager", description="Runs benchmarks/bench_*.py with pytest-benchmark.")
-    p.add_argument("--out", metavar="DIR", default="benchmarks/results", help="where bench-<time>.{json,md,png} go")
-    p.add_argument("--bench-dir", metavar="DIR", help="the benchmarks folder (default: the repository's)")
-    p.add_argument("-k", dest="select", help="pytest -k expression selecting benchmarks")
+    p = sub.add_parser("bench", help="run the pytest-benchmark suites, or time one whole MAD iteration (bench step); "
+                       "write a markdown table and a PNG chart of speed-ups vs eager",
+                       description="`madfast bench`: runs benchmarks/bench_*.py with pytest-benchmark. `madfast bench "
+                       "step`: one MAD iteration for the eager reference, madfast's default and the default "
+                       "compiled, by phase, op kind and network, with its aten-op and host-sync counts.")
+    p.add_argument("what", nargs="?", choices=("suites", "step"), default="suites",
+                   help="suites (default): the pytest-benchmark suites; step: the whole-iteration benchmark")
+    p.add_argument("--out", metavar="DIR", default="benchmarks/results",
+                   help="where bench-<time>.{json,md,png} (step: step-<time>.*) go")
+    p.add_argument("--bench-dir", metavar="DIR", help="suites: the benchmarks folder (default: the repository's)")
+    p.add_argument("-k", dest="select", help="suites: pytest -k expression selecting benchmarks")
+    p.add_argument("--case", default="r34_r18_32px_b256", help="step: r34_r18_32px_b256 | r50_r18_224px_b64")
+    p.add_argument("--providers", default="eager,default", help="step: comma-separated among eager, default, "
+                   "default_compile and the variants default_bf16, default_channels_last, default_foreach, "
+                   "eager_fused_optim")
+    p.add_argument("--device", default="auto", help="step: auto | cpu | cuda | cuda:N")
+    p.add_argument("--rounds", type=int, default=10, help="step: timed iterations per provider")
+    p.add_argument("--divisor", type=int, help="step: divide the case's batch by this (default: 1 on CUDA, 32 on CPU)")
     return parser
 
 
@@ -261,6 +274,8 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_bench(args) -> int:
+    if args.what == "step":
+        return _bench_step(args)
     from madfast.bench_report import write_report
 
     bench_dir = args.bench_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
@@ -278,6 +293,21 @@ def _cmd_bench(args) -> int:
         return rc or 1
     write_report(f"{stem}.json", f"{stem}.md", f"{stem}.png")
     print(f"→ {stem}.md, {stem}.png, {stem}.json")
+    return 0
+
+
+def _bench_step(args) -> int:
+    from madfast.train.step_bench import bench_step, write_step_report
+
+    try:
+        result = bench_step(args.case, tuple(p for p in args.providers.split(",") if p), args.device, args.rounds,
+                            args.divisor)
+    except ValueError as e:
+        raise UsageError(str(e).replace("bench_step: ", "--")) from None
+    paths = write_step_report(result, os.path.join(os.path.abspath(args.out), time.strftime("step-%Y%m%d-%H%M%S")))
+    with open(paths[1]) as f:
+        print(f.read())
+    print("→ " + ", ".join(paths))
     return 0
 
 

@@ -289,15 +289,16 @@ def test_gpu_check_dry_run_lists_the_steps_in_order(tmp_path):
                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stderr
     steps = [line.split()[2] for line in proc.stdout.splitlines() if line.startswith("== ") and "limit" in line]
-    assert steps == ["build", "check", "tests"]  # the benchmark suites only with BENCH_S > 0
-    assert "madfast check --device cuda --dtypes float32,bfloat16" in proc.stdout
+    assert steps == ["build", "step", "check", "tests"]  # the benchmark suites only with BENCH_S > 0
+    assert "madfast bench step --device cuda --providers eager,default,default_compile" in proc.stdout
+    assert "madfast check --device cuda --dtypes float32" in proc.stdout
     assert "TORCH_CUDA_ARCH_LIST=" in proc.stdout
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["build.log"]  # nothing run
     with_bench = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", str(tmp_path / "b")],
                                 capture_output=True, text=True, timeout=120,
                                 env={**os.environ, "PYTHON": sys.executable, "BENCH_S": "40"})
     assert [line.split()[2] for line in with_bench.stdout.splitlines()
-            if line.startswith("== ") and "limit" in line] == ["build", "check", "tests", "bench"]
+            if line.startswith("== ") and "limit" in line] == ["build", "step", "check", "tests", "bench"]
 
 
 def test_make_gpu_check_calls_the_script_with_out():

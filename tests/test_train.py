@@ -108,8 +108,37 @@ def test_config_round_trips_through_checkpoint(teacher, tmp_path):
                       ema_decay=0.9, lambda1=0.5, amp="none")
     distill(cfg)
     saved = load_checkpoint(str(tmp_path))["config"]
-    assert config_from_dict(DistillConfig, saved) == cfg
+    # the checkpoint records what ran: the device's choices resolved
+    assert config_from_dict(DistillConfig, saved) == cfg.for_device(torch.device("cpu"))
+    assert saved["channels_last"] is False and saved["cudnn_benchmark"] is False
     assert json.load(open(tmp_path / "config.json")) == saved
+
+
+@pytest.mark.parametrize("accuracies, reached", [((50.0, 91.0, 94.9, 96.0), (2, 4)), ((50.0, 89.9), (None, None)),
+                                                  ((95.0, 10.0), (1, 1))])
+def test_summary_times_the_first_evaluation_at_each_teacher_fraction(teacher, tmp_path, monkeypatch,
+                                                                     accuracies, reached):
+    """On a clock that only moves 10 s per evaluation, each threshold's time is 10 × the number of
+    the first evaluation at or above it."""
+    import types
+
+    import madfast.train.loop as loop
+
+    teacher_acc = load_checkpoint(teacher)["test_acc"]
+    evaluations, clock = iter(accuracies), [0.0]
+
+    def fake_evaluate(*args, **kwargs):  # the student at a planned percentage of the teacher
+        clock[0] += 10.0
+        return {"acc": next(evaluations) / 100 * teacher_acc}
+    monkeypatch.setattr(loop, "evaluate", fake_evaluate)
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    cfg = tiny_config(teacher, tmp_path, steps=len(accuracies), g_pretrain_steps=0, eval_every=1, ckpt_every=0)
+    summary = distill(cfg)
+    expected = {"0.90": None if reached[0] is None else 10.0 * reached[0],
+                "0.95": None if reached[1] is None else 10.0 * reached[1]}
+    assert summary["seconds_to_teacher_fraction"] == expected
+    assert summary["seconds"] == 10.0 * len(accuracies)
+    assert json.load(open(tmp_path / "summary.json"))["seconds_to_teacher_fraction"] == expected
 
 
 def test_config_errors():

@@ -77,6 +77,29 @@ def test_generator_on_the_fused_path_equals_reference(monkeypatch, device, backe
 
 
 @pytest.mark.parametrize("device,backend", FUSED)
+def test_fused_block_under_bf16_autocast(device, backend):
+    """As nn.Conv2d under autocast: the convolution in bf16 from fp32 weights (custom ops are not
+    cast by autocast), the output in bf16, fp32 gradients for the fp32 parameters."""
+    skip_unless_available("upsample_conv", backend, device)
+    torch.manual_seed(0)
+    block = UpsampleConvBlock(5, 6, backend=backend).to(device)
+    ref = sequential(5, 6).to(device).double()
+    ref.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in block.state_dict().items()})
+    x = torch.randn(3, 5, 7, 7, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = block(x)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    expected = ref(x.double())
+    expected.square().sum().backward()
+    # bf16 rounding of x, the weight and the conv output (8 bits each) on a unit-variance output
+    torch.testing.assert_close(out.double(), expected, atol=4e-2, rtol=4e-2)
+    grad, ref_grad = block[1].weight.grad, ref[1].weight.grad
+    assert grad.dtype == torch.float32
+    assert (grad.double() - ref_grad).norm() <= 5e-2 * ref_grad.norm()
+
+
+@pytest.mark.parametrize("device,backend", FUSED)
 def test_generator_compiles_fullgraph_on_the_fused_path(monkeypatch, device, backend):
     skip_unless_available("upsample_conv", backend, device)
     monkeypatch.setenv("MADFAST_BACKEND", backend)

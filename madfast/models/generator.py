@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from madfast import _backend
 from madfast.nn import UpsampleConvBlock
 
 __all__ = ["Generator", "ResUpsampleBlock", "CONDITIONINGS"]
@@ -82,7 +83,9 @@ class Generator(nn.Module):
         self.bn = nn.BatchNorm2d(2 * ngf)
         widths = [2 * ngf] * n_blocks + [ngf]
         make = UpsampleConvBlock if block == "conv" else ResUpsampleBlock
-        self.blocks = nn.Sequential(*(make(widths[i], widths[i + 1], backend=backend) for i in range(n_blocks)))
+        # backend is the whole model's preference: the blocks take it where upsample_block has it
+        block_backend = _backend.preferred("upsample_block", backend)
+        self.blocks = nn.Sequential(*(make(widths[i], widths[i + 1], backend=block_backend) for i in range(n_blocks)))
         self.head = nn.Conv2d(ngf, channels, 3, 1, 1)
         self.out = nn.Tanh() if output == "tanh" else nn.Sigmoid()
 

@@ -21,7 +21,13 @@ def upsample_conv_bn_lrelu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
     """What ``Sequential(UpsamplingBilinear2d(2), conv, bn, LeakyReLU(negative_slope))`` computes,
     including bn's running-statistics update; conv must have no bias."""
     batch_stats = bn.training or bn.running_mean is None
-    y, mean, var = upsample_conv_moments(x, conv.weight, stats=batch_stats, backend=backend)
+    weight = conv.weight
+    if torch.is_autocast_enabled(x.device.type):
+        # As nn.Conv2d under autocast: the convolution in the autocast dtype (custom ops are not
+        # cast by autocast itself); BN's statistics and parameters stay fp32.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    y, mean, var = upsample_conv_moments(x, weight, stats=batch_stats, backend=backend)
     if batch_stats:  # var is biased, as BN normalises with
         count = y.numel() // y.shape[1]
         if bn.training and bn.track_running_stats:

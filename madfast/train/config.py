@@ -12,13 +12,15 @@ import argparse
 import json
 import os
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+
+import torch
 
 from madfast._extras import require
 from madfast.errors import UsageError
 
 __all__ = ["DistillConfig", "TeacherConfig", "config_from_dict", "load_config_file", "add_config_args",
-           "config_from_args", "config_to_dict", "format_config", "CHOICES"]
+           "config_from_args", "config_to_dict", "format_config", "autocast_dtype", "CHOICES"]
 
 
 def _f(default, help: str):
@@ -80,8 +82,14 @@ class DistillConfig:
     grad_clip: float = _f(5.0, "gradient-norm clipping for G and S; 0: off [practice: ABM 5]")
     # --- speed ---
     device: str = _f("auto", "auto | cpu | cuda | cuda:N (torchrun: the local rank's GPU)")
-    amp: str = _f("none", "autocast: none | bf16 | fp16 (fp16 adds GradScalers)")
-    channels_last: bool = _f(False, "channels-last memory format for models and images")
+    amp: str = _f("auto", "autocast with fp32 master weights: auto (bf16 on CUDA, none elsewhere) | none | bf16 | "
+                  "fp16 (fp16 adds GradScalers)")
+    channels_last: typing.Optional[bool] = _f(None, "channels-last memory format for models and images; none: on "
+                                              "CUDA only (cuDNN's fast layout; oneDNN measured at parity on a CPU)")
+    cudnn_benchmark: typing.Optional[bool] = _f(None, "let cuDNN time its convolution algorithms for each shape "
+                                                "(torch.backends.cudnn.benchmark); none: on CUDA")
+    optimizer_impl: str = _f("fused", "optimiser kernels: fused (one kernel for all tensors) | foreach | loop "
+                             "(one tensor at a time)")
     compile: bool = _f(False, "torch.compile teacher, student and generator")
     compile_mode: str = _f("default", "torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune")
     sync_bn: bool = _f(True, "under torchrun: the teacher's BN prior on moments all-reduced over ranks, and "
@@ -118,6 +126,13 @@ class DistillConfig:
         _check(self.adv_bound is None or self.adv_bound > 0, "adv_bound", "must be > 0 or none")
         return self
 
+    def for_device(self, device: torch.device) -> "DistillConfig":
+        """This config with its speed choices left to the device resolved: on CUDA bf16 autocast,
+        channels_last and cuDNN autotuning; elsewhere fp32 and the default layout."""
+        cuda = device.type == "cuda"
+        auto = {"amp": "bf16" if cuda else "none", "channels_last": cuda, "cudnn_benchmark": cuda}
+        return replace(self, **{k: v for k, v in auto.items() if getattr(self, k) in (None, "auto")})
+
 
 @dataclass
 class TeacherConfig:
@@ -153,10 +168,17 @@ CHOICES = {
     "conditioning": ("sum", "cat", "uncond"), "gen_block": ("conv", "resnet"), "gen_output": ("tanh", "sigmoid"),
     "adv_kind": ("kl", "l1"), "ema_buffers": ("average", "copy"), "ema_bn": ("batch", "running"),
     "optimizer_s": ("adam", "sgd"), "optimizer": ("adam", "sgd"), "schedule": ("cosine", "constant"),
-    "amp": ("none", "bf16", "fp16"), "compile_mode": ("default", "reduce-overhead", "max-autotune",
-                                                      "max-autotune-no-cudagraphs"),
+    "amp": ("auto", "none", "bf16", "fp16"), "optimizer_impl": ("fused", "foreach", "loop"),
+    "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "backend": ("auto", "torch", "triton", "cuda", "cpp"),
 }
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of an ``amp`` choice on ``device`` (None: fp32, no autocast)."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
 def _check(ok: bool, name: str, what: str) -> None:
@@ -260,6 +282,11 @@ def format_config(cfg, preset: str | None = None, file: dict | None = None, args
     from madfast.train.presets import preset_sources
 
     sources = preset_sources(preset) if preset else {}
+    if hasattr(cfg, "for_device"):  # the device choices as this machine would resolve them
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+        resolved = cfg.for_device(device)
+    else:
+        resolved, device = cfg, None
     lines = [f"# madfast {type(cfg).__name__}" + (f", preset {preset}" if preset else "") +
              " (flag > --config file > preset > default)"]
     for f in fields(cfg):
@@ -272,5 +299,7 @@ def format_config(cfg, preset: str | None = None, file: dict | None = None, args
         else:
             src = "default"
         value = yaml.safe_dump({f.name: getattr(cfg, f.name)}, default_flow_style=True, width=1 << 16).strip()
+        if getattr(resolved, f.name) != getattr(cfg, f.name):
+            src += f"; on {device.type}: {getattr(resolved, f.name)}"
         lines.append(f"{value.strip('{}')}  # {src}")
     return "\n".join(lines) + "\n"

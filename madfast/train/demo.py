@@ -47,7 +47,8 @@ def run_demo(out: str, seed: int = 0, progress: bool = True, teacher_overrides: 
     metrics = {"teacher_acc": teacher["test_acc"], "student_acc": run["student_acc"],
                "ratio": run["student_acc"] / teacher["test_acc"], "seconds": time.perf_counter() - t0,
                "teacher_seconds": teacher["seconds"], "distill_seconds": run["seconds"], "seed": seed,
-               "steps": distill_cfg.g_pretrain_steps + distill_cfg.steps}
+               "steps": distill_cfg.g_pretrain_steps + distill_cfg.steps,
+               "distill_seconds_to_teacher_fraction": run["seconds_to_teacher_fraction"]}
     metrics["passed"] = metrics["ratio"] >= PASS_RATIO
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)

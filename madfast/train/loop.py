@@ -24,7 +24,7 @@ from madfast.errors import CheckpointError, UsageError
 from madfast.models import Generator, build_model
 from madfast.models.checkpoints import load_teacher_weights
 from madfast.train import checkpoint as ckpt
-from madfast.train.config import DistillConfig, TeacherConfig
+from madfast.train.config import DistillConfig, TeacherConfig, autocast_dtype
 from madfast.train.distributed import DistContext, assert_identical, gather, setup, teardown, wrap
 from madfast.train.evaluate import eval_loader, evaluate
 from madfast.train.logger import RunLogger
@@ -34,6 +34,7 @@ from madfast.train.task import MADTask
 __all__ = ["distill", "train_teacher", "NonFiniteLossError", "LOSS_COLUMNS"]
 
 LOSS_COLUMNS = ["g_loss", "g_adv", "g_ce", "g_bn", "s_loss", "s_kl_g", "s_kl_ema"]
+TIME_TO_ACCURACY = (0.90, 0.95)  # fractions of the teacher's accuracy timed in summary.json
 
 
 class NonFiniteLossError(RuntimeError):
@@ -87,7 +88,8 @@ def distill(cfg: DistillConfig, resume: str | None = None, stop_after: int | Non
 
     ``stop_after``: leave after that many iterations of this invocation with a checkpoint (for
     time-limited jobs; ``resume`` continues exactly). Returns the summary also written to
-    OUT/summary.json.
+    OUT/summary.json; its ``seconds_to_teacher_fraction`` maps "0.90"/"0.95" to the wall seconds
+    until an evaluation first found the student at that fraction of the teacher's accuracy.
     """
     cfg.validate()
     _check_split(cfg.batch_size)
@@ -99,6 +101,7 @@ def distill(cfg: DistillConfig, resume: str | None = None, stop_after: int | Non
 
 
 def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_after: int | None) -> dict:
+    cfg = cfg.for_device(ctx.device)  # what config.json and the checkpoints record
     state = ckpt.load_checkpoint(resume) if resume else None
     if state is not None and state.get("format") != "madfast-distill/1":
         raise CheckpointError(f"--resume {resume!r}: not a `madfast distill` checkpoint")
@@ -133,7 +136,7 @@ def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_afte
     total = cfg.g_pretrain_steps + cfg.steps
 
     loader = eval_loader(test_set, cfg.eval_batch_size, 0 if cfg.dataset == "digits" else cfg.num_workers, ctx)
-    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+    amp = autocast_dtype(cfg.amp, ctx.device)
 
     def accuracy(model) -> float:  # on every rank (each its shard), same number everywhere
         return evaluate(model, loader, normalize, ctx.device, cfg.channels_last, ctx, amp)["acc"]
@@ -166,6 +169,9 @@ def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_afte
 
     bar = _progress(total, start, cfg.progress and main, "distill")
     t0, tick, student_acc = time.perf_counter(), time.perf_counter(), None
+    # Time to accuracy: wall seconds (this process's, evaluations included) until an evaluation first
+    # shows the student at each fraction of the teacher's accuracy; None while not reached.
+    seconds_to = {f"{r:.2f}": None for r in TIME_TO_ACCURACY}
     end = total if stop_after is None else min(total, start + stop_after)
     step = start
     # Losses stay on the device between log/eval/checkpoint steps, so the host does not wait for
@@ -206,6 +212,9 @@ def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_afte
             if evaluating:
                 student_acc = accuracy(task.student_raw)
                 row["student_acc"] = student_acc
+                for r in TIME_TO_ACCURACY:
+                    if teacher_acc and seconds_to[f"{r:.2f}"] is None and student_acc >= r * teacher_acc:
+                        seconds_to[f"{r:.2f}"] = time.perf_counter() - t0
             if main and logging:
                 now = time.perf_counter()
                 row.update(task.lrs(), samples_per_s=images / max(now - tick, 1e-9))
@@ -222,7 +231,8 @@ def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_afte
     if not main:
         return {}
     summary = {"teacher_acc": teacher_acc, "student_acc": student_acc, "step": step, "total_steps": total,
-               "seconds": time.perf_counter() - t0, "finished": step == total}
+               "seconds": time.perf_counter() - t0, "finished": step == total,
+               "seconds_to_teacher_fraction": seconds_to if teacher_acc else None}
     if student_acc is not None and teacher_acc:
         summary["ratio"] = student_acc / teacher_acc
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
@@ -276,7 +286,7 @@ def _train_teacher(cfg: TeacherConfig, ctx: DistContext) -> dict:
     else:
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * len(loader), pct_start=0.15)
-    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+    amp = autocast_dtype(cfg.amp, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.amp == "fp16")
     normalize = Normalize(info.mean, info.std).to(ctx.device)
     test_loader = eval_loader(test_set, 512, workers, ctx)

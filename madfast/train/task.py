@@ -15,7 +15,7 @@ from torch import nn
 from madfast.models import Generator
 from madfast.nn import AdversarialLoss, BNStatHook, FusedEMA, KLDivLoss
 from madfast.train.augment import random_resized_crop_flip
-from madfast.train.config import DistillConfig
+from madfast.train.config import DistillConfig, autocast_dtype
 from madfast.train.distributed import DistContext, broadcast_buffers, wrap
 from madfast.train.sync_bn import GlobalBNStatHook, sync_generator_bn
 
@@ -38,7 +38,10 @@ class MADTask:
 
     def __init__(self, cfg: DistillConfig, teacher: nn.Module, student: nn.Module, generator: Generator,
                  normalize: nn.Module, ctx: DistContext):
+        cfg = cfg.for_device(ctx.device)
         self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
         self.batch = cfg.batch_size // ctx.world_size
         fmt = torch.channels_last if cfg.channels_last else torch.preserve_format
         self.teacher = teacher.to(self.device, memory_format=fmt).eval().requires_grad_(False)
@@ -65,14 +68,16 @@ class MADTask:
         # Under DDP the bound applies to the mean over all ranks' samples (see _adversarial).
         self.discrepancy = AdversarialLoss(None, cfg.adv_kind, cfg.temperature, backend=cfg.backend)
 
-        self.opt_g = torch.optim.Adam(self.g_raw.parameters(), lr=cfg.lr_g, betas=(0.5, 0.999))
+        impl = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[cfg.optimizer_impl]
+        self.opt_g = torch.optim.Adam(self.g_raw.parameters(), lr=cfg.lr_g, betas=(0.5, 0.999), **impl)
         if cfg.optimizer_s == "adam":
-            self.opt_s = torch.optim.Adam(self.student_raw.parameters(), lr=cfg.lr_s, weight_decay=cfg.weight_decay_s)
+            self.opt_s = torch.optim.Adam(self.student_raw.parameters(), lr=cfg.lr_s, weight_decay=cfg.weight_decay_s,
+                                          **impl)
         else:
             self.opt_s = torch.optim.SGD(self.student_raw.parameters(), lr=cfg.lr_s, momentum=0.9,
-                                         weight_decay=cfg.weight_decay_s)
+                                         weight_decay=cfg.weight_decay_s, **impl)
         self.sched_g, self.sched_s = (self._schedule(self.opt_g), self._schedule(self.opt_s))
-        amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+        amp = autocast_dtype(cfg.amp, self.device)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp)) if amp else contextlib.nullcontext
         fp16 = cfg.amp == "fp16"
         self.scaler_g = torch.amp.GradScaler(self.device.type, enabled=fp16)
@@ -104,7 +109,7 @@ class MADTask:
         scaler.scale(loss).backward(inputs=params)
         if self.cfg.grad_clip > 0:
             scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+            nn.utils.clip_grad_norm_(params, self.cfg.grad_clip, foreach=self.cfg.optimizer_impl != "loop")
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)

@@ -151,9 +151,10 @@ def ema_update_(ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.Ten
     if chosen == "torch":
         torch_ema_update_(ema_tensors, tensors, decay, seed, step)
         return
-    if seed is not None:
-        raise NotImplementedError("ema_update_: stochastic rounding is not implemented in the Triton kernel; "
-                                  "use backend='cuda', 'cpp' or 'torch'")
+    # the seed changes only fp16/bf16 EMAs (wider ones round to nearest on every backend)
+    if seed is not None and any(e.dtype in (torch.float16, torch.bfloat16) for e in ema_tensors):
+        raise NotImplementedError("ema_update_: stochastic rounding of fp16/bf16 EMAs is not implemented in the "
+                                  "Triton kernel; use backend='cuda', 'cpp' or 'torch'")
     by_device: dict[torch.device, list[int]] = {}
     for i, e in enumerate(ema_tensors):
         by_device.setdefault(e.device, []).append(i)

@@ -11,6 +11,8 @@ Accumulation is fp32 (fp64 for fp64 inputs).
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -219,7 +221,7 @@ def _outputs(s: torch.Tensor, reduction: str):
 def _finish(rows_acc, loss, total, reduction, scale, sign, bound):
     """The second stage of a reduced loss (nothing for "none": the rows were written already)."""
     if reduction != "none":
-        hi = 0.0 if bound is None else float(torch.tensor(bound, dtype=torch.float32))
+        hi = 0.0 if bound is None else struct.unpack("f", struct.pack("f", bound))[0]  # bound rounded to fp32
         lo = 0.0 if bound is None else float(bound) - hi  # exact in fp64; rounded to fp32 it keeps ~48 bits
         _reduce_kernel[(1,)](rows_acc, total, loss, rows_acc.numel(), scale, sign, hi, lo,
                              ACC=TL_DTYPES[rows_acc.dtype],
