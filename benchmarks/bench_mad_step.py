@@ -4,7 +4,7 @@ default compiled. Cases: CIFAR ResNet-34 → ResNet-18 at 32 px, batch 256; torc
 ResNet-18 at 224 px, batch 64. `madfast bench step` reports the same iteration by phase, op kind
 and network.
 
-On CPU the batches are divided by MADFAST_BENCH_MAD_DIVISOR (default 32) so that a round takes
+On CPU the batches are divided by MADFAST_BENCH_MAD_DIVISOR (default the case's cpu_divisor or 32) so that a round takes
 about a second, and the compiled provider runs only with MADFAST_BENCH_MAD_COMPILE=1 (inductor's
 CPU compile of these nets takes minutes). ``samples_per_s`` counts every generated image.
 """
@@ -26,7 +26,8 @@ def test_mad_iteration(benchmark, device, case, provider):
     if provider == "default_compile" and device.type != "cuda" and os.environ.get("MADFAST_BENCH_MAD_COMPILE") != "1":
         pytest.skip("compiled CPU provider: set MADFAST_BENCH_MAD_COMPILE=1")
     benchmark.group = f"mad_iteration/{case}"
-    divisor = 1 if device.type == "cuda" else int(os.environ.get("MADFAST_BENCH_MAD_DIVISOR", 32))
+    divisor = 1 if device.type == "cuda" else int(os.environ.get("MADFAST_BENCH_MAD_DIVISOR",
+                                                                 CASES[case].get("cpu_divisor", 32)))
     task = make_task(CASES[case], PROVIDERS[provider](device), device, divisor)
     timed(benchmark, lambda: task.iteration(1), device, bytes_moved=0, provider=provider, baseline="eager")
     images = task.batch * (task.cfg.g_steps + task.cfg.s_steps * 2)

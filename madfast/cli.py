@@ -114,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where bench-<time>.{json,md,png} (step: step-<time>.*) go")
     p.add_argument("--bench-dir", metavar="DIR", help="suites: the benchmarks folder (default: the repository's)")
     p.add_argument("-k", dest="select", help="suites: pytest -k expression selecting benchmarks")
-    p.add_argument("--case", default="r34_r18_32px_b256", help="step: r34_r18_32px_b256 | r50_r18_224px_b64")
+    p.add_argument("--case", default="r34_r18_32px_b256", help="step: r34_r18_32px_b256 (the CIFAR preset's networks) | "
+                   "r50_r18_224px_b64 | demo_cnn_16px_b64")
     p.add_argument("--providers", default="eager,default", help="step: comma-separated among eager, default, "
-                   "default_compile and the variants default_bf16, default_channels_last, default_foreach, "
+                   "default_compile and the variants default_bf16, default_contiguous, default_foreach, "
                    "eager_fused_optim")
     p.add_argument("--device", default="auto", help="step: auto | cpu | cuda | cuda:N")
     p.add_argument("--rounds", type=int, default=10, help="step: timed iterations per provider")

@@ -71,9 +71,26 @@ def test_speed_defaults_resolve_per_device():
     cfg = DistillConfig()
     cuda, cpu = cfg.for_device(torch.device("cuda")), cfg.for_device(torch.device("cpu"))
     assert (cuda.amp, cuda.channels_last, cuda.cudnn_benchmark) == ("bf16", True, True)
-    assert (cpu.amp, cpu.channels_last, cpu.cudnn_benchmark) == ("none", False, False)
+    assert (cpu.amp, cpu.channels_last, cpu.cudnn_benchmark) == ("none", True, False)
     pinned = dataclasses.replace(cfg, amp="none", channels_last=False, cudnn_benchmark=False)
     assert pinned.for_device(torch.device("cuda")) == pinned  # a value given is never overridden
+
+
+def test_every_network_runs_channels_last(teacher, tmp_path):
+    from madfast.data import Normalize
+    from madfast.models import Generator, build_model
+    from madfast.train.distributed import DistContext
+
+    for channels_last in (True, False):
+        cfg = tiny_config(teacher, tmp_path, channels_last=channels_last)
+        task = MADTask(cfg, build_model("small_cnn", 10, 1), build_model("small_cnn_half", 10, 1),
+                       Generator(cfg.nz, 10, 16, 1, cfg.ngf), Normalize((0.5,), (0.25,)),
+                       DistContext(0, 1, torch.device("cpu")))
+        for name, net in (("teacher", task.teacher), ("student", task.student_raw), ("generator", task.g_raw),
+                          ("ema generator", task.ema.module)):
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            convs = [p for p in net.parameters() if p.dim() == 4 and p.shape[1] > 1]  # 1 channel: both formats
+            assert convs and all(p.is_contiguous(memory_format=fmt) for p in convs), name
 
 
 @pytest.mark.parametrize("impl, flags", [("fused", {"fused": True}), ("foreach", {"foreach": True}),

@@ -84,8 +84,8 @@ class DistillConfig:
     device: str = _f("auto", "auto | cpu | cuda | cuda:N (torchrun: the local rank's GPU)")
     amp: str = _f("auto", "autocast with fp32 master weights: auto (bf16 on CUDA, none elsewhere) | none | bf16 | "
                   "fp16 (fp16 adds GradScalers)")
-    channels_last: typing.Optional[bool] = _f(None, "channels-last memory format for models and images; none: on "
-                                              "CUDA only (cuDNN's fast layout; oneDNN measured at parity on a CPU)")
+    channels_last: bool = _f(True, "channels-last memory format for the networks and images: cuDNN's and "
+                             "oneDNN's fast layout (on a 2-core AVX2 CPU each conv ran 1.1–1.5× faster)")
     cudnn_benchmark: typing.Optional[bool] = _f(None, "let cuDNN time its convolution algorithms for each shape "
                                                 "(torch.backends.cudnn.benchmark); none: on CUDA")
     optimizer_impl: str = _f("fused", "optimiser kernels: fused (one kernel for all tensors) | foreach | loop "
@@ -127,10 +127,10 @@ class DistillConfig:
         return self
 
     def for_device(self, device: torch.device) -> "DistillConfig":
-        """This config with its speed choices left to the device resolved: on CUDA bf16 autocast,
-        channels_last and cuDNN autotuning; elsewhere fp32 and the default layout."""
+        """This config with its speed choices left to the device resolved: on CUDA bf16 autocast and
+        cuDNN autotuning; elsewhere fp32 (bf16 is emulated on most CPUs)."""
         cuda = device.type == "cuda"
-        auto = {"amp": "bf16" if cuda else "none", "channels_last": cuda, "cudnn_benchmark": cuda}
+        auto = {"amp": "bf16" if cuda else "none", "cudnn_benchmark": cuda}
         return replace(self, **{k: v for k, v in auto.items() if getattr(self, k) in (None, "auto")})
 
 

@@ -30,11 +30,14 @@ from madfast.check.timing import synchronize, warm_up
 
 __all__ = ["CASES", "PROVIDERS", "OpCounter", "make_task", "bench_step", "write_step_report"]
 
-# The benchmark's cases: the CIFAR preset's pair at 32 px, and an ImageNet pair at 224 px. On CPU the
-# batch is divided (``divisor``) so that an iteration takes about a second.
+# The benchmark's cases: the CIFAR preset's pair at 32 px, an ImageNet pair at 224 px, the demo's. On
+# CPU the batch is divided (``divisor``, default ``cpu_divisor`` or 32) so that an iteration takes
+# about a second.
 CASES = {
     "r34_r18_32px_b256": dict(teacher="cifar_resnet34", student="cifar_resnet18", img_size=32, batch=256),
     "r50_r18_224px_b64": dict(teacher="resnet50", student="resnet18", img_size=224, batch=64),
+    # the demo's networks and batch (3 channels here), undivided on CPU
+    "demo_cnn_16px_b64": dict(teacher="small_cnn", student="small_cnn_half", img_size=16, batch=64, cpu_divisor=1),
 }
 
 
@@ -51,7 +54,7 @@ PROVIDERS = {
     "default_compile": lambda device: dict(compile=True),
     # variants, to measure a default before adopting it
     "default_bf16": lambda device: dict(amp="bf16"),
-    "default_channels_last": lambda device: dict(channels_last=True),
+    "default_contiguous": lambda device: dict(channels_last=False),
     "default_foreach": lambda device: dict(optimizer_impl="foreach"),
     "eager_fused_optim": lambda device: {**_eager(device), "optimizer_impl": "fused"},
 }
@@ -114,7 +117,7 @@ def make_task(case: dict, provider: dict, device: torch.device, divisor: int = 1
     return MADTask(cfg, teacher, student, generator, Normalize((0.5,) * 3, (0.25,) * 3), DistContext(0, 1, device))
 
 
-def _median_iteration(task, device: torch.device, rounds: int) -> list[float]:
+def _iteration_times(task, device: torch.device, rounds: int) -> list[float]:
     times = []
     for i in range(rounds):
         t0 = time.perf_counter()
@@ -182,6 +185,8 @@ def _profile(task, device: torch.device, iterations: int) -> dict:
         handles += [net.register_forward_pre_hook(enter), net.register_forward_hook(leave)]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     try:
+        task.iteration(1)  # the hooks make torch.compile recompile: not inside the profile
+        synchronize(device)
         with profile(activities=activities) as prof:
             for i in range(iterations):
                 task.iteration(1 + i)
@@ -266,36 +271,45 @@ def bench_step(case: str = "r34_r18_32px_b256", providers: tuple[str, ...] = ("e
     unknown = [p for p in providers if p not in PROVIDERS]
     if unknown:
         raise ValueError(f"bench_step: providers must be among {sorted(PROVIDERS)}, got {unknown}")
-    divisor = divisor if divisor is not None else (1 if device.type == "cuda" else 32)
-    results: dict[str, dict] = {}
+    spec = CASES[case]
+    divisor = divisor if divisor is not None else (1 if device.type == "cuda" else spec.get("cpu_divisor", 32))
+    tasks = {}
     for name in providers:
         if progress:
-            print(f"bench step {case}: {name} ...", flush=True)
-        overrides = PROVIDERS[name](device)
-        task = make_task(CASES[case], overrides, device, divisor)
-        warm_up(lambda: task.iteration(1), device, runs=3)  # compilation, autotuning, allocator
-        times = _median_iteration(task, device, rounds)
+            print(f"bench step {case}: building and warming up {name} ...", flush=True)
+        tasks[name] = make_task(spec, PROVIDERS[name](device), device, divisor)
+        warm_up(lambda: tasks[name].iteration(1), device, runs=3)  # compilation, autotuning, allocator
+    # Rounds interleave the providers, so that a machine's drift (clock, other load) hits all alike.
+    times: dict[str, list[float]] = {name: [] for name in providers}
+    for _ in range(rounds):
+        for name, task in tasks.items():
+            times[name] += _iteration_times(task, device, 1)
+    results: dict[str, dict] = {}
+    for name, task in list(tasks.items()):
+        if progress:
+            print(f"bench step {case}: phases, profile and counts of {name} ...", flush=True)
         phases: dict[str, float] = collections.Counter()
         phase_rounds = max(2, rounds // 2)
         with _phase_timer(task, device, phases):
-            _median_iteration(task, device, phase_rounds)
-        median = statistics.median(times)
+            _iteration_times(task, device, phase_rounds)
+        median = statistics.median(times[name])
         images = task.batch * (task.cfg.g_steps + task.cfg.s_steps * (2 if task.cfg.ema else 1))
         results[name] = {
-            "overrides": {k: v for k, v in overrides.items()},
+            "overrides": PROVIDERS[name](device),
             "resolved": {k: getattr(task.cfg, k) for k in ("backend", "amp", "channels_last", "cudnn_benchmark",
                                                            "optimizer_impl", "compile")},
-            "median_s": median, "min_s": min(times), "max_s": max(times), "rounds": rounds,
+            "median_s": median, "min_s": min(times[name]), "max_s": max(times[name]), "rounds": rounds,
             "samples_per_s": images / median,
             "phase_ms": {k: v * 1e3 / phase_rounds for k, v in phases.items()},
             **_profile(task, device, profile_iterations),
             # counting modes make torch.compile fall back to eager: counted on the eager code only
             **(_count(task, 1) if not task.cfg.compile else {"aten_ops": None, "host_syncs": None}),
         }
+        del tasks[name]  # frees its memory before the next provider's profile
     if "eager" in results:
         for r in results.values():
             r["speedup_vs_eager"] = results["eager"]["median_s"] / r["median_s"]
-    return {"case": case, **CASES[case], "batch": max(2, CASES[case]["batch"] // divisor), "divisor": divisor,
+    return {"case": case, **spec, "batch": max(2, spec["batch"] // divisor), "divisor": divisor,
             "device": str(device), "machine": _machine(device), "date": time.strftime("%Y-%m-%d"),
             "providers": results}
 

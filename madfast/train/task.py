@@ -48,7 +48,8 @@ class MADTask:
         sync = cfg.sync_bn and ctx.distributed
         self.bn_hook = (GlobalBNStatHook if sync else BNStatHook)(self.teacher, backend=cfg.backend)
         self.student_raw = student.to(self.device, memory_format=fmt).train()
-        self.g_raw = (sync_generator_bn(generator, self.device) if sync else generator).to(self.device).train()
+        self.g_raw = (sync_generator_bn(generator, self.device) if sync else generator).to(
+            self.device, memory_format=fmt).train()
         self.student, self.generator = wrap(self.student_raw, ctx), wrap(self.g_raw, ctx)
         self.ema = (FusedEMA(self.g_raw, decay=cfg.ema_decay, exclude_buffers=cfg.ema_buffers == "copy",
                              backend=cfg.backend) if cfg.ema else None)
