@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from madfast.errors import UsageError
+from madfast.errors import EXIT_PREEMPTED, UsageError
 
 __all__ = ["main", "build_parser"]
 
@@ -60,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_parser(sub, "train-teacher", TeacherConfig, "supervised training of a teacher on a local data set")
     p = _config_parser(sub, "distill", DistillConfig, "data-free distillation of a teacher into a student with MAD",
                        _EPILOG_DISTILL)
-    p.add_argument("--resume", metavar="DIR", help="continue the newest checkpoint of a run folder (its config, "
-                   "overridden by the flags given)")
+    p.add_argument("--resume", metavar="DIR|auto", help="continue the newest checkpoint of a run folder (its config, "
+                   "overridden by the flags given); auto: continue --out's newest checkpoint if it has one (the "
+                   "flags must describe the same run: only run length and logging may change), else start "
+                   "fresh — one command for the first start and every restart")
     p.add_argument("--stop-after", type=int, metavar="N", help="stop after N iterations of this invocation, "
                    "with a checkpoint (continue with --resume)")
     p.add_argument("--preset", metavar="NAME", help="starting values for a data set: cifar10, cifar100, "
@@ -198,7 +200,7 @@ def _cmd_distill(args) -> int:
     from madfast.train.presets import preset_values
 
     base = {}
-    if args.resume:
+    if args.resume and args.resume != "auto":
         if args.preset:
             raise UsageError("--preset cannot be combined with --resume (the run's config is in its checkpoint)")
         base = dict(load_checkpoint(args.resume).get("config") or {})
@@ -212,6 +214,11 @@ def _cmd_distill(args) -> int:
         print(format_config(cfg, preset=args.preset, file=file, args=args), end="")
         return 0
     s = distill(cfg, resume=args.resume, stop_after=args.stop_after)
+    if s.get("preempted"):  # every rank exits so; the first says why
+        if os.environ.get("RANK", "0") == "0":
+            print(f"madfast distill: preempted by {s['preempted']} at step {s['step']}/{s['total_steps']}; checkpoint "
+                  f"written. The same command with --resume auto (or --resume {cfg.out}) continues it", file=sys.stderr)
+        return EXIT_PREEMPTED
     if s:
         state = "finished" if s["finished"] else f"stopped at step {s['step']}/{s['total_steps']}"
         student = f"{s['student_acc']:.2f}%" if s["student_acc"] is not None else "not evaluated yet"
@@ -320,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = ["madfast", *(sys.argv[1:] if argv is None else argv)]
     from madfast.train import NonFiniteLossError
+    from madfast.train.preemption import Preempted
 
     try:
         return _COMMANDS[args.command](args)
@@ -329,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"madfast {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except Preempted as e:
+        print(f"madfast {args.command}: {e}; the newest complete checkpoint is kept", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print(f"madfast {args.command}: interrupted", file=sys.stderr)
         return 130

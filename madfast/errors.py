@@ -1,6 +1,6 @@
 """Errors that mean "bad input from the user": the CLI prints them as one line and exits non-zero."""
 
-__all__ = ["UsageError", "DataError", "CheckpointError", "MissingExtraError"]
+__all__ = ["UsageError", "DataError", "CheckpointError", "MissingExtraError", "EXIT_PREEMPTED"]
 
 
 class UsageError(ValueError):
@@ -17,3 +17,7 @@ class CheckpointError(UsageError):
 
 class MissingExtraError(UsageError, ImportError):
     """An optional dependency is not installed; the message names the extra that provides it."""
+
+# `madfast distill` stopped by SIGTERM/SIGUSR1 with its checkpoint: the same command continues it
+# (EX_TEMPFAIL: a temporary failure, retry).
+EXIT_PREEMPTED = 75

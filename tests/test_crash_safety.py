@@ -116,7 +116,8 @@ def test_kill9_mid_checkpoint_write_and_mid_iteration_then_resume_is_exact(teach
     assert_same_run(ref, run)
 
 
-def test_truncated_newest_checkpoint_falls_back_and_resumes_exactly(teacher, tmp_path):
+@pytest.mark.parametrize("auto", [False, True], ids=["resume-dir", "resume-auto"])
+def test_truncated_newest_checkpoint_falls_back_and_resumes_exactly(teacher, tmp_path, auto):
     full = tiny_config(teacher, tmp_path / "full", ckpt_every=2, keep_ckpts=2)
     distill(full)
     # the run kept its K = 2 newest checkpoints
@@ -127,7 +128,7 @@ def test_truncated_newest_checkpoint_falls_back_and_resumes_exactly(teacher, tmp
     newest = tmp_path / "part" / "ckpt-00000004.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # a full disk, a half copy
     with pytest.warns(RuntimeWarning, match=r"ckpt-00000004\.pt.*could not be read.*falling back to .*ckpt-00000002"):
-        distill(part, resume=str(tmp_path / "part"))
+        distill(part, resume="auto" if auto else str(tmp_path / "part"))
     a, b = load_checkpoint(str(tmp_path / "full")), load_checkpoint(str(tmp_path / "part"))
     assert a["step"] == b["step"] == 6
     assert_same_networks(a, b)

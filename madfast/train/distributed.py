@@ -47,15 +47,23 @@ def setup(device: str = "auto") -> DistContext:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = _pick_device(device, local_rank)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest kernels
     if world == 1:
         return DistContext(0, 1, dev)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        _join("nccl" if dev.type == "cuda" else "gloo")
     return DistContext(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def _join(backend: str) -> None:
+    """init_process_group from torchrun's environment, its store keys under this restart's own prefix:
+    a worker restarted by ``torchrun --max-restarts`` shares the agent's store with the attempt before
+    it, and would otherwise read a dead peer's address (gloo: "connectFullMesh ... Connection refused")."""
+    store, rank, world = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"madfast/attempt-{attempt}", store),
+                            rank=rank, world_size=world)
 
 
 def teardown(ctx: DistContext) -> None:

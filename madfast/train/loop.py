@@ -28,6 +28,7 @@ from madfast.train.config import DistillConfig, TeacherConfig, autocast_dtype
 from madfast.train.distributed import DistContext, assert_identical, gather, setup, teardown, wrap
 from madfast.train.evaluate import eval_loader, evaluate
 from madfast.train.logger import RunLogger
+from madfast.train.preemption import PreemptionGuard
 from madfast.train.report import save_curves, save_sample_grid
 from madfast.train.task import MADTask
 
@@ -35,6 +36,9 @@ __all__ = ["distill", "train_teacher", "NonFiniteLossError", "LOSS_COLUMNS"]
 
 LOSS_COLUMNS = ["g_loss", "g_adv", "g_ce", "g_bn", "s_loss", "s_kl_g", "s_kl_ema"]
 TIME_TO_ACCURACY = (0.90, 0.95)  # fractions of the teacher's accuracy timed in summary.json
+# What a restart with ``resume="auto"`` may change: how long the run is, how it logs, where it runs.
+RESTART_FIELDS = frozenset({"steps", "log_every", "eval_every", "ckpt_every", "keep_ckpts", "progress",
+                            "tensorboard", "num_workers", "eval_batch_size", "check_teacher", "device", "out"})
 
 
 class NonFiniteLossError(RuntimeError):
@@ -86,8 +90,14 @@ def distill(cfg: DistillConfig, resume: str | None = None, stop_after: int | Non
     Writes OUT/ckpt-*.pt, metrics.csv, tb/, config.json, summary.json, samples.png (G and G̃)
     and curves.png.
 
+    ``resume="auto"``: continue the newest checkpoint in ``cfg.out`` if there is one (refusing a
+    config that differs from the saved one outside RESTART_FIELDS), else start fresh — the same
+    call starts a run and continues it after any restart (torchrun --max-restarts, a requeued job).
+
     ``stop_after``: leave after that many iterations of this invocation with a checkpoint (for
-    time-limited jobs; ``resume`` continues exactly). Returns the summary also written to
+    time-limited jobs; ``resume`` continues exactly). SIGTERM or SIGUSR1 does the same after the
+    current iteration (``summary["preempted"]`` names the signal; a second one raises
+    madfast.train.preemption.Preempted at once). Returns the summary also written to
     OUT/summary.json; its ``seconds_to_teacher_fraction`` maps "0.90"/"0.95" to the wall seconds
     until an evaluation first found the student at that fraction of the teacher's accuracy.
     """
@@ -102,9 +112,14 @@ def distill(cfg: DistillConfig, resume: str | None = None, stop_after: int | Non
 
 def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_after: int | None) -> dict:
     cfg = cfg.for_device(ctx.device)  # what config.json and the checkpoints record
+    auto = resume == "auto"
+    if auto:
+        resume = cfg.out if ckpt.latest_checkpoint(cfg.out) else None
     state = ckpt.load_checkpoint(resume) if resume else None
     if state is not None and state.get("format") != "madfast-distill/1":
         raise CheckpointError(f"--resume {resume!r}: not a `madfast distill` checkpoint")
+    if auto and state is not None:
+        _check_same_run(state["config"], cfg)
     info = dataset_info(cfg.dataset, cfg.data_dir, cfg.img_size or None)
     test_set = shared_test_set(cfg.dataset, cfg.data_dir, info.img_size, ctx)
     torch.manual_seed(cfg.seed)  # same initialisation on every rank
@@ -119,6 +134,8 @@ def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_afte
     if state is not None:
         task.load_state_dict(state["task"])
         start = state["step"]
+        if ctx.is_main:
+            print(f"resuming {resume} at step {start}/{cfg.g_pretrain_steps + cfg.steps}", flush=True)
         saved_world = len(state["noise"])
         if saved_world == ctx.world_size:  # exact continuation
             task.noise.set_state(state["noise"][ctx.rank])
@@ -195,6 +212,7 @@ def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_afte
         pending.clear()
         return values
 
+    preemption, stopped_by = PreemptionGuard(ctx).install(), None
     try:
         for step in range(start + 1, end + 1):
             losses = task.iteration(step - 1)
@@ -203,7 +221,8 @@ def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_afte
             images += cfg.batch_size if step <= cfg.g_pretrain_steps else per_iter
             evaluating = step == total or (cfg.eval_every and step % cfg.eval_every == 0)
             logging = step % cfg.log_every == 0 or step == end or evaluating
-            checkpointing = (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == end
+            stopping = preemption.should_stop()  # on every rank, after the same iteration
+            checkpointing = (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == end or stopping
             if not (logging or checkpointing):
                 bar.update(1)
                 continue
@@ -224,15 +243,19 @@ def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_afte
             bar.update(1)
             if checkpointing:
                 checkpoint(step)
+            if stopping:
+                stopped_by = preemption.signal_name
+                break
     finally:
+        preemption.restore()
         bar.close()
         if logger is not None:
             logger.close()
     if not main:
-        return {}
+        return {"preempted": stopped_by, "step": step, "total_steps": total} if stopped_by else {}
     summary = {"teacher_acc": teacher_acc, "student_acc": student_acc, "step": step, "total_steps": total,
                "seconds": time.perf_counter() - t0, "finished": step == total,
-               "seconds_to_teacher_fraction": seconds_to if teacher_acc else None}
+               "seconds_to_teacher_fraction": seconds_to if teacher_acc else None, "preempted": stopped_by}
     if student_acc is not None and teacher_acc:
         summary["ratio"] = student_acc / teacher_acc
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
@@ -241,6 +264,15 @@ def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_afte
     _report("samples.png", lambda: save_sample_grid(task, os.path.join(cfg.out, "samples.png")))
     _report("curves.png", lambda: save_curves(logger.path, os.path.join(cfg.out, "curves.png")))
     return summary
+
+
+def _check_same_run(saved: dict, cfg: DistillConfig) -> None:
+    """A restart continues the run it finds only if it is the same run (outside RESTART_FIELDS)."""
+    now = asdict(cfg)
+    differ = [k for k in now if k not in RESTART_FIELDS and k in saved and saved[k] != now[k]]
+    if differ:
+        raise UsageError(f"--resume auto: --out {cfg.out!r} holds another run: " + ", ".join(
+            f"--{k.replace('_', '-')} is {now[k]!r} (the run's: {saved[k]!r})" for k in differ))
 
 
 def _report(name: str, write) -> None:
