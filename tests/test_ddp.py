@@ -116,3 +116,27 @@ def test_a_signal_to_one_rank_stops_every_rank_with_one_checkpoint(elastic_teach
     err = _interrupted(tmp_path, elastic_teacher, signal.SIGUSR1)
     assert re.search(r"preempted by SIGUSR1 at step \d+/40; checkpoint written", err), err[-3000:]
     assert_same_run(uninterrupted, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_scheduler_sigterm_to_torchrun_checkpoints_and_the_same_command_resumes(elastic_teacher, uninterrupted,
+                                                                                tmp_path):
+    """What SLURM's scancel or a Kubernetes eviction does: SIGTERM to the torchrun agent. The agent
+    passes it to every worker; they stop after the same iteration with one checkpoint, torchrun does
+    not restart (a signal is not a failure), and the same command started again ends where an
+    uninterrupted run does, bit for bit."""
+    proc = _elastic(tmp_path, elastic_teacher)
+    wait_for(lambda: len(list_checkpoints(str(tmp_path))) >= 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode != 0, "torchrun reported success for a run stopped early"
+    assert re.search(r"preempted by SIGTERM at step \d+/40; checkpoint written", err), err[-3000:]
+    stopped = load_checkpoint(str(tmp_path))["step"]
+    assert 0 < stopped < 40
+    err = "".join(finish(_elastic(tmp_path, elastic_teacher), timeout=300))
+    assert f"at step {stopped}/40" in err, err[-3000:]
+    assert_same_run(uninterrupted, tmp_path)

@@ -130,12 +130,12 @@ def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_afte
                           cfg.gen_block, cfg.gen_output, backend=cfg.backend)
     normalize = Normalize(info.mean, info.std)
     task = MADTask(cfg, teacher, student, generator, normalize, ctx)
-    start = 0
+    start, total = 0, cfg.g_pretrain_steps + cfg.steps
     if state is not None:
         task.load_state_dict(state["task"])
         start = state["step"]
         if ctx.is_main:
-            print(f"resuming {resume} at step {start}/{cfg.g_pretrain_steps + cfg.steps}", flush=True)
+            print(f"resuming {resume} at step {start}/{total}", flush=True)
         saved_world = len(state["noise"])
         if saved_world == ctx.world_size:  # exact continuation
             task.noise.set_state(state["noise"][ctx.rank])
@@ -150,7 +150,6 @@ def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_afte
                               "noise streams re-seeded (not bit-exact)", RuntimeWarning, stacklevel=2)
     else:  # on every rank, so that all of them stop
         _check_fresh_out(cfg.out)
-    total = cfg.g_pretrain_steps + cfg.steps
 
     loader = eval_loader(test_set, cfg.eval_batch_size, 0 if cfg.dataset == "digits" else cfg.num_workers, ctx)
     amp = autocast_dtype(cfg.amp, ctx.device)

@@ -37,8 +37,7 @@ class PreemptionGuard:
     thread (Python's rule); ``restore()`` puts the previous ones back."""
 
     def __init__(self, ctx: DistContext):
-        self.ctx, self.signum, self._previous = ctx, None, {}
-        self._group = None
+        self.signum, self._previous, self._group = None, {}, None
         if ctx.distributed:
             # NCCL would make the flag a device tensor (a sync per iteration): a gloo group instead
             self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
