@@ -232,6 +232,7 @@ def _cmd_eval(args) -> int:
     from madfast.errors import CheckpointError
     from madfast.models import build_model
     from madfast.models.checkpoints import load_teacher_weights
+    from madfast.models.from_timm import timm_data_info
     from madfast.train.checkpoint import load_checkpoint
     from madfast.train.distributed import setup
     from madfast.train.evaluate import eval_loader, evaluate
@@ -253,9 +254,12 @@ def _cmd_eval(args) -> int:
     if args.img_size is not None and args.img_size < 1:
         raise UsageError("--img-size must be ≥ 1")
     dataset, data_dir = args.dataset or cfg["dataset"], args.data_dir or cfg.get("data_dir")
-    info = dataset_info(dataset, data_dir, args.img_size or cfg.get("img_size") or None)
+    img_size = args.img_size or cfg.get("img_size") or None
+    # sized and normalised as in training: by the teacher's timm config where the data set leaves it open
+    info = timm_data_info(dataset_info(dataset, data_dir, img_size), cfg.get("teacher") or cfg.get("model") or name,
+                          bool(img_size))
     test = build_dataset(dataset, "test", data_dir, info.img_size)
-    model = build_model(name, info.num_classes, info.channels)
+    model = build_model(name, info.num_classes, info.channels, info.img_size)
     if weights is None:
         load_teacher_weights(args.ckpt, model, name, info.num_classes, info.channels)
     else:

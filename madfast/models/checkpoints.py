@@ -2,8 +2,10 @@
 wrappers around one, DDP/compile key prefixes, torchvision's published files and the CIFAR
 ResNet/WRN checkpoints of CMI / Fast-Datafree (zju-vipa) through a documented key map.
 
-Nothing is downloaded: ``torchvision:WEIGHTS`` (e.g. ``torchvision:IMAGENET1K_V1``) names the
-file torchvision would cache under ``torch.hub.get_dir()/checkpoints`` and must already be there.
+Files are torch pickles (.pth/.pt/.bin) or safetensors. Nothing is downloaded:
+``torchvision:WEIGHTS`` (e.g. ``torchvision:IMAGENET1K_V1``) names the file torchvision would cache
+under ``torch.hub.get_dir()/checkpoints``, and ``hub`` (for a ``timm:NAME`` model) the file timm
+would cache; either must already be there.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 
 from madfast._extras import require
 from madfast.errors import CheckpointError
+from madfast.models.from_timm import is_timm, timm_hub_weights_path
 
 __all__ = ["load_teacher_weights", "extract_state_dict", "CMI_KEY_MAPS", "torchvision_weights_path",
            "TEACHER_FORMAT"]
@@ -59,9 +62,21 @@ def torchvision_weights_path(spec: str, name: str) -> str:
     return path
 
 
+def _is_safetensors(path: str) -> bool:
+    """safetensors files open with an 8-byte header length and a JSON header; torch's with a zip or pickle magic."""
+    with open(path, "rb") as f:
+        return f.read(9)[8:] == b"{"
+
+
 def _read(path: str):
     if not os.path.isfile(path):
         raise CheckpointError(f"--teacher-ckpt {path!r} does not exist")
+    if _is_safetensors(path):
+        st = require("safetensors.torch", f"the safetensors file {path!r}", extra="timm")
+        try:
+            return st.load_file(path, device="cpu")
+        except Exception as e:  # noqa: BLE001 — safetensors raises its own SafetensorError
+            raise CheckpointError(f"--teacher-ckpt {path!r} could not be read as safetensors: {e}") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 — a file with pickled objects (e.g. an argparse.Namespace) besides tensors
@@ -142,10 +157,14 @@ def load_teacher_weights(path: str | None, model: nn.Module, name: str, num_clas
     ``{"format", "test_acc", "dataset", "img_size"}`` for a madfast file, ``{"format": "state_dict"}``
     otherwise. Every mismatch is a CheckpointError naming the file and the first offending key."""
     if not path:
-        raise CheckpointError("--teacher-ckpt is required (a madfast teacher.pt, a state dict, a "
-                              "torchvision/CMI checkpoint, or torchvision:WEIGHTS)")
+        raise CheckpointError("--teacher-ckpt is required (a madfast teacher.pt, a state dict or safetensors "
+                              "file, a torchvision/CMI checkpoint, torchvision:WEIGHTS, or hub for timm:NAME)")
     if path.startswith("torchvision:"):
         path = torchvision_weights_path(path, name)
+    elif path == "hub":
+        if not is_timm(name):
+            raise CheckpointError(f"--teacher-ckpt hub is for timm:NAME teachers, not {name!r}")
+        path = timm_hub_weights_path(name)
     obj = _read(path)
     if isinstance(obj, dict) and obj.get("format") == TEACHER_FORMAT:
         if (obj["model"], obj["num_classes"], obj["channels"]) != (name, num_classes, channels):

@@ -1,4 +1,5 @@
-"""build_model(name, ...): madfast's CIFAR/demo nets by name, or any torchvision.models name."""
+"""build_model(name, ...): madfast's CIFAR/demo nets by name, any torchvision.models name, or
+``timm:NAME`` for any timm model."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 from madfast._extras import require
 from madfast.errors import UsageError
 from madfast.models.cifar_resnet import cifar_resnet18, cifar_resnet34
+from madfast.models.from_timm import build_timm_model, is_timm
 from madfast.models.small_cnn import SmallCNN
 from madfast.models.wrn import wrn
 
@@ -40,9 +42,12 @@ def model_names() -> list[str]:
     return list(MODELS) + _torchvision_names()
 
 
-def build_model(name: str, num_classes: int, channels: int = 3) -> nn.Module:
-    """A freshly initialised classifier. torchvision models are built without weights (nothing is
-    downloaded) and take 3-channel input."""
+def build_model(name: str, num_classes: int, channels: int = 3, img_size: int | None = None) -> nn.Module:
+    """A freshly initialised classifier. torchvision and timm models are built without weights
+    (nothing is downloaded); torchvision's take 3-channel input. ``img_size`` sizes the timm models
+    whose input size is fixed (ViTs); the others take any size."""
+    if is_timm(name):
+        return build_timm_model(name, num_classes, channels, img_size)
     if name in MODELS:
         return MODELS[name](num_classes=num_classes, channels=channels)
     torchvision = require("torchvision", f"model {name!r} (not one of madfast's {', '.join(MODELS)})")
@@ -51,4 +56,4 @@ def build_model(name: str, num_classes: int, channels: int = 3) -> nn.Module:
             raise UsageError(f"model {name!r} (torchvision) takes 3-channel images, the data has {channels}")
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     raise UsageError(f"unknown model {name!r}: choose one of {', '.join(MODELS)} "
-                     "or a torchvision.models classification name (e.g. resnet18, resnet50)")
+                     "a torchvision.models classification name (e.g. resnet18, resnet50) or timm:NAME")

@@ -58,7 +58,9 @@ class DistillConfig:
     adv_kind: str = _f("kl", "adversarial discrepancy D: kl (MAD) | l1 (DFAD) [paper: kl]")
     temperature: float = _f(1.0, "τ of the KL divergences [practice: ABM 1]")
     lambda_ce: float = _f(1.0, "weight of CE(T(x), y) in L_G (uncond: y = T's argmax) [ours]")
-    lambda_bn: float = _f(1.0, "weight of the teacher BN-statistics loss in L_G [ours; 0.1 stalls on digits; practice: 0.05 at ImageNet scale]")
+    lambda_bn: typing.Optional[float] = _f(None, "weight of the teacher BN-statistics loss in L_G; none (auto): 1.0 with a "
+                                           "teacher that has BatchNorm2d layers, 0 (the prior off) without [ours; 0.1 "
+                                           "stalls on digits; practice: 0.05 at ImageNet scale]")
     lambda0: float = _f(1.0, "λ0: weight of the student loss on samples of G [paper: λ0; ours: 1]")
     lambda1: float = _f(1.0, "λ1: weight of the student loss on samples of the EMA generator [paper: λ1; ours: 1]")
     # --- EMA generator ---
@@ -114,7 +116,7 @@ class DistillConfig:
                      "eval_batch_size"):
             _check(getattr(self, name) >= 1, name, "must be ≥ 1")
         for name in ("g_pretrain_steps", "eval_every", "ckpt_every", "num_workers", "img_size", "grad_clip",
-                     "lambda_ce", "lambda_bn", "lambda0", "lambda1", "weight_decay_s"):
+                     "lambda_ce", "lambda0", "lambda1", "weight_decay_s"):
             _check(getattr(self, name) >= 0, name, "must be ≥ 0")
         for name in ("lr_s", "lr_g", "temperature"):
             _check(getattr(self, name) > 0, name, "must be > 0")
@@ -124,6 +126,7 @@ class DistillConfig:
             error = generator_img_size_error(self.img_size)
             _check(error is None, "img_size", error)
         _check(self.adv_bound is None or self.adv_bound > 0, "adv_bound", "must be > 0 or none")
+        _check(self.lambda_bn is None or self.lambda_bn >= 0, "lambda_bn", "must be ≥ 0 or none (auto)")
         return self
 
     def for_device(self, device: torch.device) -> "DistillConfig":

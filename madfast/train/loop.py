@@ -23,6 +23,7 @@ from madfast.data import Normalize, build_dataset, dataset_info, folder_index
 from madfast.errors import CheckpointError, UsageError
 from madfast.models import Generator, build_model
 from madfast.models.checkpoints import load_teacher_weights
+from madfast.models.from_timm import timm_data_info
 from madfast.train import checkpoint as ckpt
 from madfast.train.config import DistillConfig, TeacherConfig, autocast_dtype
 from madfast.train.distributed import DistContext, assert_identical, gather, setup, teardown, wrap
@@ -30,7 +31,7 @@ from madfast.train.evaluate import eval_loader, evaluate
 from madfast.train.logger import RunLogger
 from madfast.train.preemption import PreemptionGuard
 from madfast.train.report import save_curves, save_sample_grid
-from madfast.train.task import MADTask
+from madfast.train.task import MADTask, bn_prior_weight, has_batch_norm
 
 __all__ = ["distill", "train_teacher", "NonFiniteLossError", "LOSS_COLUMNS"]
 
@@ -120,12 +121,16 @@ def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_afte
         raise CheckpointError(f"--resume {resume!r}: not a `madfast distill` checkpoint")
     if auto and state is not None:
         _check_same_run(state["config"], cfg)
-    info = dataset_info(cfg.dataset, cfg.data_dir, cfg.img_size or None)
+    info = timm_data_info(dataset_info(cfg.dataset, cfg.data_dir, cfg.img_size or None), cfg.teacher,
+                          bool(cfg.img_size))
     test_set = shared_test_set(cfg.dataset, cfg.data_dir, info.img_size, ctx)
     torch.manual_seed(cfg.seed)  # same initialisation on every rank
-    teacher = build_model(cfg.teacher, info.num_classes, info.channels)
+    teacher = build_model(cfg.teacher, info.num_classes, info.channels, info.img_size)
+    if bn_prior_weight(cfg.lambda_bn, teacher, cfg.teacher) == 0 and not has_batch_norm(teacher) and ctx.is_main:
+        print(f"{cfg.teacher!r} has no BatchNorm2d layers, so the BN-statistics prior is off (lambda_bn 0): "
+              "G learns from the adversarial and CE terms", flush=True)
     teacher_file = load_teacher_weights(cfg.teacher_ckpt, teacher, cfg.teacher, info.num_classes, info.channels)
-    student = build_model(cfg.student, info.num_classes, info.channels)
+    student = build_model(cfg.student, info.num_classes, info.channels, info.img_size)
     generator = Generator(cfg.nz, info.num_classes, info.img_size, info.channels, cfg.ngf, cfg.conditioning,
                           cfg.gen_block, cfg.gen_output, backend=cfg.backend)
     normalize = Normalize(info.mean, info.std)
@@ -293,12 +298,13 @@ def train_teacher(cfg: TeacherConfig) -> dict:
 
 
 def _train_teacher(cfg: TeacherConfig, ctx: DistContext) -> dict:
-    info = dataset_info(cfg.dataset, cfg.data_dir, cfg.img_size or None)
+    info = timm_data_info(dataset_info(cfg.dataset, cfg.data_dir, cfg.img_size or None), cfg.model,
+                          bool(cfg.img_size))
     train_set = build_dataset(cfg.dataset, "train", cfg.data_dir, info.img_size,
                               augment=cfg.augment and cfg.dataset != "digits")
     test_set = shared_test_set(cfg.dataset, cfg.data_dir, info.img_size, ctx)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, info.num_classes, info.channels)
+    model = build_model(cfg.model, info.num_classes, info.channels, info.img_size)
     if ctx.is_main:
         _check_fresh_out(cfg.out)
         os.makedirs(cfg.out, exist_ok=True)

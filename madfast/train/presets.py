@@ -29,7 +29,7 @@ _CIFAR = {
     "teacher": ("cifar_resnet34", R), "student": ("cifar_resnet18", R), "img_size": (32, P),
     "batch_size": (256, O), "steps": (20000, O), "g_pretrain_steps": (200, O),
     "optimizer_s": ("sgd", PR), "lr_s": (0.1, PR), "weight_decay_s": (5e-4, PR),  # Fast-DFKD students
-    "lambda_ce": (1.0, O), "lambda_bn": (1.0, O),
+    "lambda_ce": (1.0, O), "lambda_bn": (None, O),  # auto: 1.0 with a BatchNorm teacher, else 0
 }
 
 _IMAGENET_SCALE = {
@@ -48,7 +48,7 @@ PRESETS: dict[str, dict[str, tuple[object, str]]] = {
                      "teacher": ("resnet34", O), "student": ("resnet18", O), "img_size": (64, P),
                      "batch_size": (256, O), "steps": (30000, O), "g_pretrain_steps": (300, O),
                      "optimizer_s": ("sgd", PR), "lr_s": (0.1, PR), "weight_decay_s": (5e-4, PR),
-                     "lambda_ce": (1.0, O), "lambda_bn": (1.0, O)},
+                     "lambda_ce": (1.0, O), "lambda_bn": (None, O)},
     "imagenet": {"dataset": ("imagenet", P), **_IMAGENET_SCALE},
     "places365": {"dataset": ("places365", P), **_IMAGENET_SCALE},
 }

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from madfast.errors import UsageError
 from madfast.models import Generator
 from madfast.nn import AdversarialLoss, BNStatHook, FusedEMA, KLDivLoss
 from madfast.train.augment import random_resized_crop_flip
@@ -19,7 +20,23 @@ from madfast.train.config import DistillConfig, autocast_dtype
 from madfast.train.distributed import DistContext, broadcast_buffers, wrap
 from madfast.train.sync_bn import GlobalBNStatHook, sync_generator_bn
 
-__all__ = ["MADTask", "input_pipeline"]
+__all__ = ["MADTask", "input_pipeline", "bn_prior_weight", "has_batch_norm"]
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def bn_prior_weight(lambda_bn: float | None, teacher: nn.Module, name: str) -> float:
+    """λ_bn for ``teacher``: as given, or (None, auto) 1.0 if it has BatchNorm2d layers and 0 if not
+    — a LayerNorm/GroupNorm teacher (ViT, ConvNeXt) records no batch statistics to match."""
+    has_bn = has_batch_norm(teacher)
+    if lambda_bn is None:
+        return 1.0 if has_bn else 0.0
+    if lambda_bn > 0 and not has_bn:
+        raise UsageError(f"--lambda-bn {lambda_bn:g} needs a teacher with BatchNorm2d layers, and {name!r} has "
+                         "none (no batch statistics to match): pass --lambda-bn 0, or none for auto")
+    return lambda_bn
 
 
 def input_pipeline(gen_output: str, normalize: nn.Module, channels_last: bool):
@@ -46,7 +63,9 @@ class MADTask:
         fmt = torch.channels_last if cfg.channels_last else torch.preserve_format
         self.teacher = teacher.to(self.device, memory_format=fmt).eval().requires_grad_(False)
         sync = cfg.sync_bn and ctx.distributed
-        self.bn_hook = (GlobalBNStatHook if sync else BNStatHook)(self.teacher, backend=cfg.backend)
+        self.lambda_bn = bn_prior_weight(cfg.lambda_bn, teacher, cfg.teacher)
+        self.bn_hook = ((GlobalBNStatHook if sync else BNStatHook)(self.teacher, backend=cfg.backend)
+                        if has_batch_norm(teacher) else None)
         self.student_raw = student.to(self.device, memory_format=fmt).train()
         self.g_raw = (sync_generator_bn(generator, self.device) if sync else generator).to(
             self.device, memory_format=fmt).train()
@@ -122,11 +141,11 @@ class MADTask:
         with self.autocast():
             x = self.to_input(self._gen_f(z, y))
             t = self._teacher_f(x)
-            bn = self.bn_hook.loss
+            bn = self.bn_hook.loss if self.bn_hook is not None else torch.zeros((), device=self.device)
             # uncond: G never sees y, so the CE target is the teacher's own class (as CMI/Fast-Datafree do)
             target = t.detach().argmax(1) if cfg.conditioning == "uncond" else y
             ce = F.cross_entropy(t.float(), target)
-            loss = cfg.lambda_ce * ce + cfg.lambda_bn * bn
+            loss = cfg.lambda_ce * ce + self.lambda_bn * bn
             out = {"g_ce": ce.detach(), "g_bn": bn.detach()}
             if not pretrain:
                 # The student outside DDP: no gradient reaches its weights here; in eval mode (by
@@ -177,7 +196,8 @@ class MADTask:
         x = self._samples()
         if cfg.augment:  # teacher and student see the same crop of each sample
             x = random_resized_crop_flip(x, self.noise)
-        with torch.no_grad(), self.autocast(), self.bn_hook.paused():  # no BN prior in the student step
+        paused = self.bn_hook.paused() if self.bn_hook is not None else contextlib.nullcontext()
+        with torch.no_grad(), self.autocast(), paused:  # no BN prior in the student step
             t = self._teacher_f(x).float()
         params = list(self.student_raw.parameters())
         if self.ema is None:
