@@ -147,7 +147,8 @@ def test_bad_input_raises_and_modifies_nothing(device, backend):
         (ValueError, "shape mismatch at index 1", (ema, [cur[0], torch.zeros(4, device=device)], 0.9)),
         (TypeError, "ema_tensors\\[0\\].*copied", ([torch.zeros(4, dtype=torch.long, device=device), ema[1]], cur, 0.9)),
         (TypeError, "cannot track", (ema, [cur[0].long(), cur[1]], 0.9)),
-        (TypeError, "complex", ([ema[0].to(torch.complex64), ema[1]], [cur[0].to(torch.complex64), cur[1]], 0.9)),
+        (TypeError, "tensors\\[0\\] \\(torch.float32\\) must both be complex or both real",
+         ([ema[0].to(torch.complex64), ema[1]], cur, 0.9)),
         (ValueError, "decay must be in \\[0, 1\\]", (ema, cur, 1.5)),
         (ValueError, "decay must be in \\[0, 1\\]", (ema, cur, -0.1)),
         (ValueError, "decay must be a float or a 0-d", (ema, cur, torch.ones(2))),
@@ -164,6 +165,23 @@ def test_bad_input_raises_and_modifies_nothing(device, backend):
             ema_update_(*args, backend=backend)
         for e, s in zip(ema, snapshot):
             assert torch.equal(e, s), f"{match}: the EMA was modified"
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_complex_pairs_lerp_their_real_and_imaginary_parts(device, backend, dtype):
+    """As AveragedModel's _foreach_lerp_ does, beside a real pair in the same call; fp64 oracle."""
+    skip_unless_available("ema_update_", backend, device)
+    g = torch.Generator().manual_seed(0)
+    e0, p0 = (torch.randn(129, generator=g, dtype=torch.complex128) for _ in range(2))
+    r0, q0 = torch.randn(7, generator=g, dtype=torch.float64), torch.randn(7, generator=g, dtype=torch.float64)
+    ema, cur = [e0.to(device, dtype, copy=True), r0.float().to(device)], [p0.to(device, dtype), q0.float().to(device)]
+    ema_update_(ema, cur, 0.75, backend=backend)
+    want = e0 + 0.25 * (p0 - e0)
+    tol = 1e-6 if dtype == torch.complex64 else 1e-14
+    assert ema[0].dtype == dtype
+    assert (ema[0].cpu().cdouble() - want).abs().max() <= tol * want.abs().max()
+    assert (ema[1].cpu().double() - (r0 + 0.25 * (q0 - r0))).abs().max() <= 1e-6
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -82,6 +82,11 @@ def _parts(ema: list[torch.Tensor], cur: list[torch.Tensor], backend: str) -> li
     """(kernel, ema, cur) per device of the EMA: the fused kernels take one device per call."""
     if any(e.device != c.device for e, c in zip(ema, cur)):
         return [(partial(_run_moved, backend=backend), ema, cur)]
+    if any(e.is_complex() for e in ema):  # through the op's Python entry, which takes real views per call
+        complex_ = [i for i, e in enumerate(ema) if e.is_complex()]
+        real = [i for i, e in enumerate(ema) if not e.is_complex()]
+        return ([(partial(_run_op, backend=backend), [ema[i] for i in complex_], [cur[i] for i in complex_])]
+                + _parts([ema[i] for i in real], [cur[i] for i in real], backend))
     by_device: dict[torch.device, tuple[list, list]] = {}
     for e, c in zip(ema, cur):
         es, cs = by_device.setdefault(e.device, ([], []))
@@ -127,7 +132,9 @@ class FusedEMA(nn.Module):
     ``forward`` and state_dict keys) whose update is one fused kernel per dtype group.
 
     As in ModelEmaV3: floating parameters and persistent floating buffers are averaged,
-    integer buffers copied; with ``exclude_buffers`` every buffer is copied. ``device`` keeps
+    integer buffers copied; with ``exclude_buffers`` every buffer is copied. Complex ones are
+    averaged as AveragedModel does (ModelEmaV3 copies them). With rounding to nearest the bits
+    are ModelEmaV3's (the same fused lerp) in fp32, fp16 and bf16. ``device`` keeps
     the EMA elsewhere (e.g. "cpu"), ``dtype`` in another precision (e.g. fp32 for a bf16 model).
     ``get_decay(step)`` is 0 up to ``update_after_step + 1`` (an exact copy), then ``decay`` or,
     with ``use_warmup``, ``1 − (1 + t/warmup_gamma)^−warmup_power`` clamped to [min_decay, decay].
@@ -157,9 +164,6 @@ class FusedEMA(nn.Module):
             raise TypeError(f"dtype must be None or a floating torch.dtype, got {dtype!r}")
         if not isinstance(stochastic_rounding_seed, int) or not 0 <= stochastic_rounding_seed < 2**63:
             raise ValueError(f"stochastic_rounding_seed must be an int in [0, 2^63), got {stochastic_rounding_seed!r}")
-        for name, p in model.named_parameters():
-            if p.is_complex():
-                raise TypeError(f"FusedEMA: parameter {name!r} is complex ({p.dtype}); complex EMAs are not supported")
         self.module = deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
         self.min_decay = min_decay
@@ -288,7 +292,8 @@ def ema_multi_avg_fn(decay: float = 0.999, *, backend: str = "auto") -> Callable
         key = (first.device, first.dtype, current[0].dtype if current else None, len(averaged))
         kernel = kernels.get(key)
         if kernel is None:
-            kernel = kernels[key] = _kernel(backend, first.device)
+            kernel = kernels[key] = (_kernel(backend, first.device) if not first.is_complex()
+                                     else partial(_run_op, backend=backend))  # real views taken per call
         kernel(averaged, current, decay, None, 0)
 
     return update

@@ -69,8 +69,8 @@ def _check_pairs(ema_tensors, tensors, decay) -> None:
             raise ValueError(f"ema_update_: shape mismatch at index {i}: ema_tensors[{i}] has shape "
                              f"{tuple(e.shape)}, tensors[{i}] has shape {tuple(p.shape)}")
         if e.is_complex() or p.is_complex():
-            raise TypeError(f"ema_update_: ema_tensors[{i}] / tensors[{i}] are complex ({e.dtype}, {p.dtype}); "
-                            f"complex EMAs are not supported")
+            raise TypeError(f"ema_update_: ema_tensors[{i}] ({e.dtype}) and tensors[{i}] ({p.dtype}) must both be "
+                            f"complex or both real")
         if e.is_floating_point():
             if e.dtype not in _FLOATS or p.dtype not in _FLOATS:
                 raise TypeError(f"ema_update_: ema_tensors[{i}] of dtype {e.dtype} cannot track tensors[{i}] of "
@@ -79,6 +79,29 @@ def _check_pairs(ema_tensors, tensors, decay) -> None:
         elif e.dtype != p.dtype:
             raise TypeError(f"ema_update_: ema_tensors[{i}] has dtype {e.dtype}, which is copied, not averaged; "
                             f"tensors[{i}] must have the same dtype, got {p.dtype}")
+
+
+def _any_complex(tensors) -> bool:
+    try:
+        return any(map(torch.is_complex, tensors))
+    except TypeError:  # not all tensors: the checks name the culprit
+        return False
+
+
+def as_real_pairs(ema_tensors, tensors) -> tuple[list, list]:
+    """Complex pairs as their real (..., 2) views: a lerp with a real weight moves the real and
+    imaginary parts alike, which is how torch.optim.swa_utils.AveragedModel averages complex
+    parameters (``_foreach_lerp_``); the kernels then see real tensors only."""
+    es, ps = [], []
+    for i, (e, p) in enumerate(zip(ema_tensors, tensors)):
+        if isinstance(e, torch.Tensor) and isinstance(p, torch.Tensor) and (e.is_complex() or p.is_complex()):
+            if not (e.is_complex() and p.is_complex()):
+                raise TypeError(f"ema_update_: ema_tensors[{i}] ({e.dtype}) and tensors[{i}] ({p.dtype}) must both "
+                                f"be complex or both real")
+            e, p = torch.view_as_real(e), torch.view_as_real(p)
+        es.append(e)
+        ps.append(p)
+    return es, ps
 
 
 def _fake_ema_update_(ema_tensors, tensors, decay, decay_value=0.0, sr_seed=-1, sr_step=0, host_table=None,
@@ -122,7 +145,8 @@ def ema_update_(ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.Ten
     Args:
         ema_tensors: tensors to update, any shapes; floating ones are averaged (any pair of float64,
             float32, float16, bfloat16: e.g. an fp32 EMA of a bf16 model), the others (e.g.
-            ``num_batches_tracked``) are copied; complex ones raise TypeError.
+            ``num_batches_tracked``) are copied; complex ones are averaged as their real and
+            imaginary parts (as AveragedModel does).
         tensors: the current values, same length and shapes as ``ema_tensors``, on their devices.
         decay: a float in [0, 1], or a 0-d floating tensor (on the tensors' device or the CPU) so
             that a schedule can change it with no host sync and no recompilation.
@@ -142,6 +166,8 @@ def ema_update_(ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.Ten
     first = ema_tensors[0]
     if not isinstance(first, torch.Tensor):
         raise TypeError("ema_update_: ema_tensors[0] and tensors[0] must be tensors")
+    if _any_complex(ema_tensors) or _any_complex(tensors):
+        ema_tensors, tensors = as_real_pairs(ema_tensors, tensors)
     chosen = _backend.choose("ema_update_", backend, first.device)
     if chosen in ("cpp", "cuda"):
         compiled_ema_update_(ema_tensors, tensors, decay, seed, step)
