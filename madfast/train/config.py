@@ -34,13 +34,14 @@ class DistillConfig:
     dataset: str = _f("cifar10", "data set the teacher was trained on: its classes, image size and test split")
     data_dir: typing.Optional[str] = _f(None, "local folder of the data set (never downloaded); digits needs none")
     img_size: int = _f(0, "image side in pixels; 0: the data set's")
-    teacher: str = _f("cifar_resnet34", "teacher architecture (madfast or torchvision.models name)")
+    teacher: str = _f("cifar_resnet34", "teacher architecture (madfast or torchvision.models name, or timm:NAME)")
     teacher_ckpt: typing.Optional[str] = _f(None, "teacher weights: a `madfast train-teacher` file, a state dict (plain, "
                                             "{state_dict|model: ...}, module.-prefixed), a CMI/Fast-Datafree CIFAR "
-                                            "ResNet/WRN checkpoint, or torchvision:WEIGHTS (a cached torchvision file)")
+                                            "ResNet/WRN checkpoint (torch or safetensors files), torchvision:WEIGHTS (a cached "
+                                            "torchvision file), or hub (a timm:NAME teacher's cached file)")
     check_teacher: bool = _f(True, "evaluate the loaded teacher on the test split before distilling (unless its "
                              "madfast file records it); --no-check-teacher: no teacher accuracy, no ratio")
-    student: str = _f("cifar_resnet18", "student architecture (madfast or torchvision.models name)")
+    student: str = _f("cifar_resnet18", "student architecture (madfast or torchvision.models name, or timm:NAME)")
     # --- generator G ---
     nz: int = _f(256, "noise dimension [ours: 256]")
     ngf: int = _f(64, "generator width [ours: the common DFKD generator]")
@@ -143,7 +144,7 @@ class TeacherConfig:
     dataset: str = _f("cifar10", "data set to train on")
     data_dir: typing.Optional[str] = _f(None, "local folder of the data set (never downloaded); digits needs none")
     img_size: int = _f(0, "image side in pixels; 0: the data set's")
-    model: str = _f("cifar_resnet34", "architecture (madfast or torchvision.models name)")
+    model: str = _f("cifar_resnet34", "architecture (madfast or torchvision.models name, or timm:NAME)")
     epochs: int = _f(200, "training epochs")
     batch_size: int = _f(128, "global batch size, split across ranks")
     optimizer: str = _f("sgd", "adam | sgd (momentum 0.9, nesterov)")
