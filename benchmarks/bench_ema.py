@@ -52,7 +52,7 @@ def test_ema_update(benchmark, device, request, workload, provider):
 
 
 # Host cost: 4-element tensors, so that only the per-call Python/C++ work counts. The cost per
-# additional tensor is (mean at 161 − mean at 1) / 160 (issue #12 targets: ≤ 0.5 µs FusedEMA.update,
+# additional tensor is (mean at 161 − mean at 1) / 160 (targets: ≤ 0.5 µs FusedEMA.update,
 # ≤ 1 µs ema_update_; eager torch._foreach_lerp_ for comparison).
 HOST_PROVIDERS = ["foreach", "madfast_ema_update", "madfast_fused_ema"]
 

@@ -17,7 +17,7 @@ from madfast.nn import UpsampleConvBlock
 
 SCALE = int(os.environ.get("MADFAST_BENCH_SCALE", "1"))
 PROVIDERS = ["eager", "compiled", "madfast_aten", "madfast_triton"]
-# (N, Cin, Cout, H): issue #13's block shapes (32-px generator at batch 32 and 256, a 112-px block
+# (N, Cin, Cout, H): the generator block's headline shapes (32-px generator at batch 32 and 256, a 112-px block
 # of the 224-px generator), and the 224-px generator's first block
 BLOCKS = [(32, 128, 128, 8), (32, 128, 64, 16), (256, 128, 128, 8), (64, 64, 64, 56), (64, 128, 128, 7)]
 GENERATORS = [(256, 32), (64, 224)]  # (batch, img_size)

@@ -224,7 +224,7 @@ def test_compile_fullgraph(device, backend):
         _assert_close(ema, expected)
 
 
-# ---- issue #12: exact copies, 1 − decay in double, stochastic rounding, the cached table ----
+# ---- exact copies, 1 − decay in double, stochastic rounding, the cached table ----
 
 @pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("tensor_decay", [False, True])

@@ -1,11 +1,11 @@
-"""fp64 arithmetic only for fp64 inputs (issue #12, item 5), checked on the compiled code.
+"""fp64 arithmetic only for fp64 inputs, checked on the compiled code.
 
 An H100 runs fp64 at half its fp32 rate, L4/A10/RTX cards at 1/32–1/64: a kernel that accumulates
 bf16 or fp32 data in fp64 is fine on the first and slow on the others. Every Triton kernel is
 compiled here for sm_90 (Triton's own toolchain, no GPU) as its host code launches it, and every
 CUDA kernel of the built extension is disassembled (cuobjdump); the fp64 arithmetic instructions
 (DADD, DMUL, DFMA, DSETP, …) of each kernel compiled for fp32/bf16/fp16 data are counted. The only
-ones allowed are EMA's: 1 − decay is kept in fp64 (issue #12, item 4), one scalar per program or
+ones allowed are EMA's: 1 − decay is kept in fp64, one scalar per program or
 thread. The fp64 instantiations are counted too, so that a counter that sees nothing fails.
 """
 

@@ -179,7 +179,7 @@ def test_training_step_with_update_compiles_fullgraph(device, backend):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-# ---- issue #12: timm 1.0.31 parity, exact copies, the cached plan ----
+# ---- timm 1.0.31 parity, exact copies, the cached plan ----
 
 # timm 1.0.31's ModelEmaV3.__init__, written out so that the test runs without timm
 TIMM_1_0_31_PARAMS = [("model", inspect.Parameter.empty), ("decay", 0.9999), ("min_decay", 0.0),
