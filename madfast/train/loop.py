@@ -31,7 +31,7 @@ from madfast.train.evaluate import eval_loader, evaluate
 from madfast.train.logger import RunLogger
 from madfast.train.preemption import PreemptionGuard
 from madfast.train.report import save_curves, save_sample_grid
-from madfast.train.task import MADTask, bn_prior_weight, has_batch_norm
+from madfast.train.task import MADTask
 
 __all__ = ["distill", "train_teacher", "NonFiniteLossError", "LOSS_COLUMNS"]
 
@@ -126,15 +126,15 @@ def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_afte
     test_set = shared_test_set(cfg.dataset, cfg.data_dir, info.img_size, ctx)
     torch.manual_seed(cfg.seed)  # same initialisation on every rank
     teacher = build_model(cfg.teacher, info.num_classes, info.channels, info.img_size)
-    if bn_prior_weight(cfg.lambda_bn, teacher, cfg.teacher) == 0 and not has_batch_norm(teacher) and ctx.is_main:
-        print(f"{cfg.teacher!r} has no BatchNorm2d layers, so the BN-statistics prior is off (lambda_bn 0): "
-              "G learns from the adversarial and CE terms", flush=True)
     teacher_file = load_teacher_weights(cfg.teacher_ckpt, teacher, cfg.teacher, info.num_classes, info.channels)
     student = build_model(cfg.student, info.num_classes, info.channels, info.img_size)
     generator = Generator(cfg.nz, info.num_classes, info.img_size, info.channels, cfg.ngf, cfg.conditioning,
                           cfg.gen_block, cfg.gen_output, backend=cfg.backend)
     normalize = Normalize(info.mean, info.std)
-    task = MADTask(cfg, teacher, student, generator, normalize, ctx)
+    task = MADTask(cfg, teacher, student, generator, normalize, ctx)  # resolves λ_bn: refuses > 0 without BN
+    if task.bn_hook is None and ctx.is_main:
+        print(f"{cfg.teacher!r} has no BatchNorm2d layers, so the BN-statistics prior is off (lambda_bn 0): "
+              "G learns from the adversarial and CE terms", flush=True)
     start, total = 0, cfg.g_pretrain_steps + cfg.steps
     if state is not None:
         task.load_state_dict(state["task"])

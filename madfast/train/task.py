@@ -20,7 +20,7 @@ from madfast.train.config import DistillConfig, autocast_dtype
 from madfast.train.distributed import DistContext, broadcast_buffers, wrap
 from madfast.train.sync_bn import GlobalBNStatHook, sync_generator_bn
 
-__all__ = ["MADTask", "input_pipeline", "bn_prior_weight", "has_batch_norm"]
+__all__ = ["MADTask", "input_pipeline", "bn_prior_weight"]
 
 
 def has_batch_norm(model: nn.Module) -> bool:

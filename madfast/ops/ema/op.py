@@ -69,8 +69,7 @@ def _check_pairs(ema_tensors, tensors, decay) -> None:
             raise ValueError(f"ema_update_: shape mismatch at index {i}: ema_tensors[{i}] has shape "
                              f"{tuple(e.shape)}, tensors[{i}] has shape {tuple(p.shape)}")
         if e.is_complex() or p.is_complex():
-            raise TypeError(f"ema_update_: ema_tensors[{i}] ({e.dtype}) and tensors[{i}] ({p.dtype}) must both be "
-                            f"complex or both real")
+            raise _mixed_complex(i, e, p)
         if e.is_floating_point():
             if e.dtype not in _FLOATS or p.dtype not in _FLOATS:
                 raise TypeError(f"ema_update_: ema_tensors[{i}] of dtype {e.dtype} cannot track tensors[{i}] of "
@@ -81,6 +80,11 @@ def _check_pairs(ema_tensors, tensors, decay) -> None:
                             f"tensors[{i}] must have the same dtype, got {p.dtype}")
 
 
+def _mixed_complex(i: int, e: torch.Tensor, p: torch.Tensor) -> TypeError:
+    return TypeError(f"ema_update_: ema_tensors[{i}] ({e.dtype}) and tensors[{i}] ({p.dtype}) must both be "
+                     f"complex or both real")
+
+
 def _any_complex(tensors) -> bool:
     try:
         return any(map(torch.is_complex, tensors))
@@ -88,7 +92,7 @@ def _any_complex(tensors) -> bool:
         return False
 
 
-def as_real_pairs(ema_tensors, tensors) -> tuple[list, list]:
+def _as_real_pairs(ema_tensors, tensors) -> tuple[list, list]:
     """Complex pairs as their real (..., 2) views: a lerp with a real weight moves the real and
     imaginary parts alike, which is how torch.optim.swa_utils.AveragedModel averages complex
     parameters (``_foreach_lerp_``); the kernels then see real tensors only."""
@@ -96,8 +100,7 @@ def as_real_pairs(ema_tensors, tensors) -> tuple[list, list]:
     for i, (e, p) in enumerate(zip(ema_tensors, tensors)):
         if isinstance(e, torch.Tensor) and isinstance(p, torch.Tensor) and (e.is_complex() or p.is_complex()):
             if not (e.is_complex() and p.is_complex()):
-                raise TypeError(f"ema_update_: ema_tensors[{i}] ({e.dtype}) and tensors[{i}] ({p.dtype}) must both "
-                                f"be complex or both real")
+                raise _mixed_complex(i, e, p)
             e, p = torch.view_as_real(e), torch.view_as_real(p)
         es.append(e)
         ps.append(p)
@@ -167,7 +170,7 @@ def ema_update_(ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.Ten
     if not isinstance(first, torch.Tensor):
         raise TypeError("ema_update_: ema_tensors[0] and tensors[0] must be tensors")
     if _any_complex(ema_tensors) or _any_complex(tensors):
-        ema_tensors, tensors = as_real_pairs(ema_tensors, tensors)
+        ema_tensors, tensors = _as_real_pairs(ema_tensors, tensors)
     chosen = _backend.choose("ema_update_", backend, first.device)
     if chosen in ("cpp", "cuda"):
         compiled_ema_update_(ema_tensors, tensors, decay, seed, step)
