@@ -23,6 +23,7 @@ dry=0
 if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
 out=${1:?usage: benchmarks/gpu_check.sh [--dry-run] OUT_DIR}
 PYTHON=${PYTHON:-python3}
+STEP_PROVIDERS=${STEP_PROVIDERS:-eager,default,default_compile}  # a second call: default_cudagraphs
 BUILD_S=${BUILD_S:-120} STEP_S=${STEP_S:-150} CHECK_S=${CHECK_S:-240} TEST_S=${TEST_S:-90} BENCH_S=${BENCH_S:-0}
 CHECK_DTYPES=${CHECK_DTYPES:-float32}
 cd "$(dirname "$0")/.."
@@ -64,7 +65,7 @@ TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$(nproc) MADFAST_CUDA=1 \
   || $PYTHON setup.py build_ext --inplace"
 
 # 2. The whole iteration, eager / default / compiled (the compile takes most of this step's time).
-step step "$STEP_S" "$out/step.log" $PYTHON -m madfast bench step --device cuda --providers eager,default,default_compile \
+step step "$STEP_S" "$out/step.log" $PYTHON -m madfast bench step --device cuda --providers "$STEP_PROVIDERS" \
   --rounds 10 --out "$out/step-tmp"
 if [ $dry = 0 ]; then mv "$out"/step-tmp/step-*.json "$out/step.json" 2>/dev/null; rm -rf "$out/step-tmp"; fi
 

@@ -196,6 +196,21 @@ def _flat(net: dict) -> torch.Tensor:
     return torch.cat([v.double().flatten() for v in net.values() if v.is_floating_point()])
 
 
+@pytest.mark.parametrize("mode, graphs", [("reduce-overhead", True), ("max-autotune", True), ("default", False),
+                                           ("max-autotune-no-cudagraphs", False)])
+def test_cudagraph_modes_begin_a_generation_per_iteration(teacher, tmp_path, monkeypatch, mode, graphs):
+    """Each network is compiled in --compile-mode; in a CUDA-graph mode every iteration first marks a
+    new generation, so no replay waits on (or overwrites) outputs the previous iteration still holds.
+    torch.compile is replaced by a recorder: inductor itself is tested by the compile test below."""
+    modes, marks = [], []
+    monkeypatch.setattr(torch, "compile", lambda m, mode=None, **kw: modes.append(mode) or m)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    s = distill(tiny_config(teacher, tmp_path, compile=True, compile_mode=mode))
+    assert s["finished"]
+    assert modes and set(modes) == {mode}
+    assert len(marks) == (6 if graphs else 0)  # 2 G pre-training steps + 4 MAD iterations
+
+
 # One iteration from the same state: compiled and eager differ by the rounding of reordered fp32
 # reductions and fused element-wise kernels, plus the optimisers' response to it within the iteration
 # (a G step, the EMA, two student steps). Adam's first step, lr·g/(|g| + eps), turns a rounding-sized

@@ -20,7 +20,7 @@ from madfast._extras import require
 from madfast.errors import UsageError
 
 __all__ = ["DistillConfig", "TeacherConfig", "config_from_dict", "load_config_file", "add_config_args",
-           "config_from_args", "config_to_dict", "format_config", "autocast_dtype", "CHOICES"]
+           "config_from_args", "config_to_dict", "format_config", "autocast_dtype", "CHOICES", "CUDAGRAPH_MODES"]
 
 
 def _f(default, help: str):
@@ -94,7 +94,8 @@ class DistillConfig:
     optimizer_impl: str = _f("fused", "optimiser kernels: fused (one kernel for all tensors) | foreach | loop "
                              "(one tensor at a time)")
     compile: bool = _f(False, "torch.compile teacher, student and generator")
-    compile_mode: str = _f("default", "torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune")
+    compile_mode: str = _f("default", "torch.compile mode: default | reduce-overhead (CUDA graphs of the forwards "
+                           "and backwards, on CUDA tensors) | max-autotune (also CUDA graphs) | max-autotune-no-cudagraphs")
     sync_bn: bool = _f(True, "under torchrun: the teacher's BN prior on moments all-reduced over ranks, and "
                        "SyncBatchNorm in G (CUDA only; torch has no CPU SyncBatchNorm) [ours]")
     concat_forward: bool = _f(True, "one teacher/student forward for G and G̃ samples together (student BN sees both) [ours]")
@@ -176,6 +177,8 @@ CHOICES = {
     "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "backend": ("auto", "torch", "triton", "cuda", "cpp"),
 }
+# the compile modes in which inductor captures CUDA graphs (it runs CPU tensors without them)
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:

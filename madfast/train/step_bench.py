@@ -52,6 +52,8 @@ PROVIDERS = {
     "eager": _eager,
     "default": lambda device: {},  # DistillConfig's defaults, resolved for the device
     "default_compile": lambda device: dict(compile=True),
+    # the forwards and backwards replayed as CUDA graphs (on a CPU: default_compile)
+    "default_cudagraphs": lambda device: dict(compile=True, compile_mode="reduce-overhead"),
     # variants, to measure a default before adopting it
     "default_bf16": lambda device: dict(amp="bf16"),
     "default_contiguous": lambda device: dict(channels_last=False),

@@ -16,7 +16,7 @@ from madfast.errors import UsageError
 from madfast.models import Generator
 from madfast.nn import AdversarialLoss, BNStatHook, FusedEMA, KLDivLoss
 from madfast.train.augment import random_resized_crop_flip
-from madfast.train.config import DistillConfig, autocast_dtype
+from madfast.train.config import CUDAGRAPH_MODES, DistillConfig, autocast_dtype
 from madfast.train.distributed import DistContext, broadcast_buffers, wrap
 from madfast.train.sync_bn import GlobalBNStatHook, sync_generator_bn
 
@@ -108,6 +108,9 @@ class MADTask:
         # the forwards outside DDP: G's and G̃'s sampling, the student's in the G step
         self._g_sample_f, self._student_g_f = self.g_raw, self.student_raw
         self._ema_f = self.ema.module if self.ema is not None else None
+        # A CUDA-graph mode replays each compiled forward into buffers of its own; every iteration
+        # starts a new generation of them, as nothing of the previous one is read after it returns.
+        self._cudagraphs = cfg.compile and cfg.compile_mode in CUDAGRAPH_MODES
         if cfg.compile:
             compile_ = lambda m: torch.compile(m, mode=cfg.compile_mode)  # noqa: E731
             self._teacher_f, self._student_f, self._gen_f = compile_(self.teacher), compile_(self.student), compile_(self.generator)
@@ -225,6 +228,8 @@ class MADTask:
 
     def iteration(self, step: int) -> dict[str, torch.Tensor]:
         """Step ``step`` of the run: a G pretraining step, or g_steps G steps + EMA + s_steps S steps."""
+        if self._cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         if step < self.cfg.g_pretrain_steps:
             return self.generator_step(pretrain=True)
         if step == self.cfg.g_pretrain_steps and self.ema is not None and self.cfg.ema_from_pretrained:
