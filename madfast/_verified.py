@@ -2,20 +2,15 @@
 
 On CUDA tensors ``auto`` takes a fused backend for an op only where a `madfast check` measurement on
 the same GPU architecture (compute capability) found it correct and at least as fast as the torch
-reference. Measurements come from two files of the same format:
-
-- ``madfast/verified.json``, committed with the package (from `make gpu-check` runs), and
-- ``$MADFAST_CACHE_DIR/verified.json`` (default ``~/.cache/madfast``), written by
-  ``madfast check --save`` on the user's own machine; its entries are read after the packaged ones and
-  replace those of the same (op, backend, dtype, capability).
+reference. Measurements come from ``madfast/verified.json`` (committed, from `make gpu-check` runs) and
+``$MADFAST_CACHE_DIR/verified.json`` (default ``~/.cache/madfast``, from ``madfast check --save``), whose
+entries replace the packaged ones of the same (op, backend, dtype, capability).
 
 An entry: ``{"op": "kl_div_fwd", "backend": "cuda", "dtype": "float32", "gpu": "NVIDIA H100 80GB HBM3",
-"capability": "9.0", "ratio": 2.4, "ok": true, "date": "...", "commit": "...", "check_op": "kl"}`` —
-``op`` is the dispatcher op name that ``madfast._backend.choose`` is asked about, ``ratio`` the
-geometric mean over the op's benchmark shapes of (torch reference time / backend time).
-A backend is verified for (op, capability[, dtype]) when every matching entry is ``ok`` with
-``ratio >= 1``, and there is at least one. A file that cannot be read is ignored with one warning:
-``auto`` then keeps the torch reference, it never fails a training run.
+"capability": "9.0", "ratio": 2.4, "ok": true, "date": "...", "commit": "...", "check_ops": ["kl"]}`` —
+``op`` is the dispatcher op that ``madfast._backend.choose`` is asked about, ``ratio`` the geometric mean
+over the op's benchmark shapes of (torch reference time / backend time). A file that cannot be read is
+ignored with one warning: ``auto`` then keeps the torch reference, it never fails a training run.
 """
 
 from __future__ import annotations
@@ -28,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["PACKAGED", "cache_file", "read_entries", "load_entries", "is_verified", "entry_key", "merge_entries",
-           "capability_of", "REQUIRED_KEYS"]
+__all__ = ["PACKAGED", "cache_file", "read_entries", "load_entries", "is_verified", "merge_entries", "capability_of",
+           "REQUIRED_KEYS"]
 
 PACKAGED = Path(__file__).with_name("verified.json")
 REQUIRED_KEYS = ("op", "backend", "dtype", "gpu", "capability", "ratio", "ok", "date", "commit")
@@ -39,10 +34,6 @@ def cache_file() -> Path:
     """Where ``madfast check --save`` writes: $MADFAST_CACHE_DIR/verified.json (default ~/.cache/madfast)."""
     root = os.environ.get("MADFAST_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "madfast")
     return Path(root) / "verified.json"
-
-
-def entry_key(e: dict) -> tuple:
-    return (e["op"], e["backend"], e["dtype"], e["capability"])
 
 
 def read_entries(path: Path) -> list[dict]:
@@ -78,7 +69,7 @@ def merge_entries(*lists: list[dict]) -> list[dict]:
     merged: dict[tuple, dict] = {}
     for entries in lists:
         for e in entries:
-            merged[entry_key(e)] = e
+            merged[(e["op"], e["backend"], e["dtype"], e["capability"])] = e
     return list(merged.values())
 
 

@@ -50,7 +50,7 @@ def _randn(shape, dtype, device, g, scale=1.0):
 
 
 def _nbytes(shape, dtype) -> int:
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * dtype.itemsize
 
 
 # ---- EMA ----------------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ def resnet50_param_shapes() -> list[tuple[int, ...]]:
 def _ema_shapes(div: int, quick: bool) -> list[Shape]:
     rn50 = resnet50_param_shapes()
     bench = [Shape("resnet50 params", tuple((max(1, s[0] // div),) + tuple(s[1:]) for s in rn50)),
-             Shape("flat 25.6M", ((25_557_032 // div,),))]
+             Shape("flat 25.6M", ((RESNET50_PARAMS // div,),))]
     odd = [Shape("1, 3×5×7, 4097, 0", ((1,), (3, 5, 7), (4097,), (0,)), odd=True),
            Shape("non-contiguous 33×17ᵀ", (("t", 33, 17),), odd=True)]
     if quick:
@@ -106,7 +106,7 @@ def _ema_fused(backend):
 
 def _ema_work(shape, dtype):
     n = sum(math.prod(d[1:] if d and d[0] == "t" else d) for d in shape.dims)
-    return "GB", 3 * n * torch.empty((), dtype=dtype).element_size()  # read ema and tensor, write ema
+    return "GB", 3 * n * dtype.itemsize  # read ema and tensor, write ema
 
 
 # ---- KL / adversarial ---------------------------------------------------------------------------
@@ -299,26 +299,23 @@ def _fused_loss(name, **kw):
     return make
 
 
-CASES: dict[str, Case] = {
-    "ema": Case("ema", _ema_make, _ema_eager, _ema_fused, _ema_shapes, _ema_work, in_place=True,
-                dispatches=("ema_update_",)),
-    "kl": Case("kl", _logits_make, lambda s, t: eager_kl(s, t), _fused_loss("kl_div", temperature=TAU),
-               _logit_shapes, _logit_work, grads=(0, 1), dispatches=("kl_div_fwd",)),
-    "adversarial": Case("adversarial", _logits_make, _adv_eager("kl"),
-                        _fused_loss("adversarial_loss", bound=BOUND, kind="kl", temperature=1.0),
-                        _logit_shapes, _logit_work, grads=(0, 1), dispatches=("kl_div_fwd",)),
-    "adversarial_l1": Case("adversarial_l1", _logits_make, _adv_eager("l1"),
-                           _fused_loss("adversarial_loss", bound=BOUND, kind="l1"),
-                           _logit_shapes, _logit_work, grads=(0, 1), dispatches=("l1_fwd",)),
-    "bn_stats": Case("bn_stats", _bn_make, eager_bn,
-                     _fused_loss("bn_stat_loss"),
-                     _bn_shapes, _bn_work, grads=(0,), dispatches=("bn_stat_losses",)),
-    "upsample_conv": Case("upsample_conv", _conv_make, eager_upsample_conv, _upsample_conv_fused, _block_shapes,
-                          _conv_work, grads=(0, 1), dispatches=("upsample_conv",), convolution=True),
-    "block": Case("block", _block_make, eager_block, _block_fused, _block_shapes, _conv_work, grads=(0, 1, 2, 3),
-                  dtypes=(torch.float32, torch.bfloat16, torch.float16), dispatches=("upsample_block",),
-                  convolution=True),
-    "bn_lrelu": Case("bn_lrelu", _bn_lrelu_make, eager_bn_lrelu, _bn_lrelu_fused, _bn_lrelu_shapes,
-                     _bn_lrelu_work, grads=(0, 1, 2), dispatches=("bn_lrelu",)),
-}
+def _logit_case(name, eager, fused, dispatch) -> Case:
+    return Case(name, _logits_make, eager, fused, _logit_shapes, _logit_work, grads=(0, 1), dispatches=(dispatch,))
+
+
+CASES: dict[str, Case] = {c.name: c for c in [
+    Case("ema", _ema_make, _ema_eager, _ema_fused, _ema_shapes, _ema_work, in_place=True, dispatches=("ema_update_",)),
+    _logit_case("kl", eager_kl, _fused_loss("kl_div", temperature=TAU), "kl_div_fwd"),
+    _logit_case("adversarial", _adv_eager("kl"),
+                _fused_loss("adversarial_loss", bound=BOUND, kind="kl", temperature=1.0), "kl_div_fwd"),
+    _logit_case("adversarial_l1", _adv_eager("l1"), _fused_loss("adversarial_loss", bound=BOUND, kind="l1"), "l1_fwd"),
+    Case("bn_stats", _bn_make, eager_bn, _fused_loss("bn_stat_loss"), _bn_shapes, _bn_work, grads=(0,),
+         dispatches=("bn_stat_losses",)),
+    Case("upsample_conv", _conv_make, eager_upsample_conv, _upsample_conv_fused, _block_shapes, _conv_work,
+         grads=(0, 1), dispatches=("upsample_conv",), convolution=True),
+    Case("block", _block_make, eager_block, _block_fused, _block_shapes, _conv_work, grads=(0, 1, 2, 3),
+         dtypes=(torch.float32, torch.bfloat16, torch.float16), dispatches=("upsample_block",), convolution=True),
+    Case("bn_lrelu", _bn_lrelu_make, eager_bn_lrelu, _bn_lrelu_fused, _bn_lrelu_shapes, _bn_lrelu_work,
+         grads=(0, 1, 2), dispatches=("bn_lrelu",)),
+]}
 OP_NAMES = tuple(CASES)

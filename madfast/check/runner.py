@@ -1,16 +1,14 @@
 """`madfast check`: every op on every backend that runs on the device, checked against an fp64 eager
-PyTorch computation (values and every gradient), then timed against eager PyTorch, torch.compile and
-madfast's own torch path. Rows are printed and written (JSON + markdown) as each finishes, so a run
-cut short keeps all it measured; the verified-dispatch entries (madfast._verified) are derived at the end.
-
-Correctness follows flash-attention's rule, as the tests do: the error against the fp64 result may be
-at most 2× (outputs) / 3× (gradients) the error of eager PyTorch run in the same dtype, with a floor
-per dtype.
+PyTorch computation (values and every gradient, by the rule of madfast.check.tolerances), then timed
+against eager PyTorch, torch.compile and madfast's own torch path. Rows are printed and written (JSON +
+markdown) as each finishes, so a run cut short keeps all it measured; the verified-dispatch entries
+(madfast._verified) are derived at the end.
 """
 
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -31,6 +29,8 @@ from madfast.check.tolerances import FORWARD_FACTOR, GRADIENT_FACTOR, floor, rel
 __all__ = ["CheckOptions", "run_check", "environment", "verified_entries", "FORMAT"]
 
 FORMAT = "madfast-check/1"
+
+
 @dataclass
 class CheckOptions:
     device: torch.device
@@ -44,6 +44,10 @@ class CheckOptions:
     progress: bool = True
     batch_divisor: int = 1
     argv: list[str] = field(default_factory=list)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 # ---- running one case ---------------------------------------------------------------------------
@@ -70,23 +74,24 @@ def _differentiable(case: Case, inputs: list) -> list:
     return xs
 
 
+def _grad(case: Case, xs: list, outs, weights: list):
+    """The gradients of Σᵢ⟨wᵢ, outᵢ⟩ with respect to xs[case.grads] (None where unused)."""
+    pairs = [(o, w.to(o.dtype)) for o, w in zip(outs, weights) if o.requires_grad]
+    return torch.autograd.grad([o for o, _ in pairs], [xs[i] for i in case.grads], [w for _, w in pairs],
+                               allow_unused=True)
+
+
 def _evaluate(case: Case, fn, inputs: list, weights: list | None):
     """Outputs, then the gradients of Σᵢ⟨wᵢ, outᵢ⟩ with respect to inputs[case.grads]."""
     xs = _differentiable(case, inputs)
-    outs = list(fn(*xs))
+    outs = fn(*xs)
     if weights is None:
         weights = _weights(outs, outs[0].device)
     grads = []
     if case.grads:
-        pairs = [(o, w.to(o.dtype)) for o, w in zip(outs, weights) if o.requires_grad]
-        got = torch.autograd.grad([o for o, _ in pairs], [xs[i] for i in case.grads], [w for _, w in pairs],
-                                  allow_unused=True)
+        got = _grad(case, xs, outs, weights)
         grads = [torch.zeros_like(xs[i]) if g is None else g for i, g in zip(case.grads, got)]
-    return [o.detach() for o in _flat(outs)] + grads, weights
-
-
-def _flat(outs):
-    return [t for o in outs for t in (o if isinstance(o, (list, tuple)) else [o])]
+    return [o.detach() for o in outs] + grads, weights
 
 
 def _compare(case: Case, actual, expected, same_dtype, dtype: torch.dtype, device: torch.device) -> dict:
@@ -114,9 +119,7 @@ def check_correctness(case: Case, backend: str, shape: Shape, dtype: torch.dtype
     expected, weights = _evaluate(case, case.eager, _map(lambda t: t.to(torch.float64), inputs), None)
     same_dtype, _ = _evaluate(case, case.eager, inputs, weights)
     actual, _ = _evaluate(case, case.fused(backend), inputs, weights)
-    row = _compare(case, actual, expected, same_dtype, dtype, device)
-    row["dispatch_ops"] = list(case.dispatches)
-    return row
+    return _compare(case, actual, expected, same_dtype, dtype, device)
 
 
 def _timed_callable(case: Case, fn, inputs: list, weights: list):
@@ -125,11 +128,9 @@ def _timed_callable(case: Case, fn, inputs: list, weights: list):
     xs = _differentiable(case, inputs)
 
     def fwd_bwd():
-        outs = _flat(fn(*xs))
-        pairs = [(o, w.to(o.dtype)) for o, w in zip(outs, weights) if o.requires_grad]
-        if pairs:
-            torch.autograd.grad([o for o, _ in pairs], [xs[i] for i in case.grads], [w for _, w in pairs],
-                                allow_unused=True)
+        outs = fn(*xs)
+        if any(o.requires_grad for o in outs):
+            _grad(case, xs, outs, weights)
     return fwd_bwd
 
 
@@ -140,12 +141,6 @@ def time_case(case: Case, fns: dict, shape: Shape, dtype: torch.dtype, device: t
     _, weights = _evaluate(case, case.eager, inputs, None)
     return {name: median_seconds(_timed_callable(case, fn, inputs, weights), device, budget_s=budget_s)
             for name, fn in fns.items()}
-
-
-def time_compiled(case: Case, shape: Shape, dtype: torch.dtype, device: torch.device, budget_s: float) -> float:
-    """Seconds per forward+backward of torch.compile(eager), compiled afresh (no recompile limit)."""
-    torch._dynamo.reset()
-    return time_case(case, {"compile": torch.compile(case.eager)}, shape, dtype, device, budget_s)["compile"]
 
 
 # ---- environment --------------------------------------------------------------------------------
@@ -171,8 +166,6 @@ def _driver() -> str | None:
 
 
 def environment(device: torch.device) -> dict:
-    import importlib.util
-
     import madfast
 
     env = {
@@ -230,15 +223,29 @@ def _fmt(x, spec) -> str:
     return "" if x is None else format(x, spec)
 
 
-def format_row(r: dict) -> str:
+def _cells(r: dict, fail: str = "FAIL") -> list[str]:
+    """op, backend, dtype, shape, then the kind's values, as both the console and check.md show them."""
+    cells = [r["op"], r["backend"], r["dtype"], r["shape"]]
     if r["kind"] == "correctness":
-        err = f"{r['max_err']:.2e} / {r['tol']:.1e} ({r['worst']})"
-        return (f"{r['op']:<14} {r['backend']:<7} {r['dtype']:<9} {r['shape']:<28} {err:<34} "
-                f"{'ok' if r['ok'] else 'FAIL'}")
+        return cells + [f"{r['max_err']:.2e}", f"{r['tol']:.1e}", r["worst"], "ok" if r["ok"] else fail]
     thr = f"{r['throughput']:.3g} {r['unit']}/s" if r.get("throughput") is not None else ""
-    return (f"{r['op']:<14} {r['backend']:<7} {r['dtype']:<9} {r['shape']:<28} {r['us']:>10.1f} µs {thr:>14} "
-            f"×torch {_fmt(r.get('x_torch'), '.2f'):>5} ×eager {_fmt(r.get('x_eager'), '.2f'):>5} "
-            f"×compile {_fmt(r.get('x_compile'), '.2f'):>5}")
+    return cells + [f"{r['us']:.1f}", thr] + [_fmt(r.get(k), ".2f") for k in ("x_torch", "x_eager", "x_compile")]
+
+
+def _head(op: str, backend: str, dtype: str, shape: str) -> str:
+    return f"{op:<14} {backend:<7} {dtype:<9} {shape:<28}"
+
+
+def format_row(r: dict) -> str:
+    c = _cells(r)
+    if r["kind"] == "correctness":
+        err = f"{c[4]} / {c[5]} ({c[6]})"
+        return f"{_head(*c[:4])} {err:<34} {c[7]}"
+    return f"{_head(*c[:4])} {c[4]:>10} µs {c[5]:>14} ×torch {c[6]:>5} ×eager {c[7]:>5} ×compile {c[8]:>5}"
+
+
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
 
 
 def markdown(report: dict) -> str:
@@ -253,19 +260,11 @@ def markdown(report: dict) -> str:
              "## Correctness (error vs fp64 eager / tolerance = max(2× or 3× eager's same-dtype error, floor))", "",
              "| op | backend | dtype | shape | max rel. error | tolerance | worst | status |",
              "|---|---|---|---|---:|---:|---|---|"]
-    for r in report["results"]:
-        if r["kind"] == "correctness":
-            lines.append(f"| {r['op']} | {r['backend']} | {r['dtype']} | {r['shape']} | {r['max_err']:.2e} | "
-                         f"{r['tol']:.1e} | {r['worst']} | {'ok' if r['ok'] else '**FAIL**'} |")
+    lines += [_md_row(_cells(r, fail="**FAIL**")) for r in report["results"] if r["kind"] == "correctness"]
     lines += ["", "## Speed (forward + backward, median; × = baseline time / this time)", "",
               "| op | backend | dtype | shape | µs | throughput | × torch path | × eager | × compile |",
               "|---|---|---|---|---:|---:|---:|---:|---:|"]
-    for r in report["results"]:
-        if r["kind"] == "speed":
-            thr = f"{r['throughput']:.3g} {r['unit']}/s" if r.get("throughput") is not None else ""
-            lines.append(f"| {r['op']} | {r['backend']} | {r['dtype']} | {r['shape']} | {r['us']:.1f} | {thr} | "
-                         f"{_fmt(r.get('x_torch'), '.2f')} | {_fmt(r.get('x_eager'), '.2f')} | "
-                         f"{_fmt(r.get('x_compile'), '.2f')} |")
+    lines += [_md_row(_cells(r)) for r in report["results"] if r["kind"] == "speed"]
     if report["skipped"]:
         lines += ["", "## Not run", ""] + [f"- {s}" for s in report["skipped"]]
     if report["verified_entries"]:
@@ -339,7 +338,7 @@ def run_check(opts: CheckOptions) -> int:
         for name in opts.ops:
             case = CASES[name]
             if dtype not in case.dtypes:
-                report["skipped"].append(f"{name} / {str(dtype)[6:]}: not an input dtype of this op's check")
+                report["skipped"].append(f"{name} / {_dtype_name(dtype)}: not an input dtype of this op's check")
                 continue
             plan += [(case, backends[name], dtype, shape) for shape in case.shapes(opts.batch_divisor, opts.quick)]
     n_units = sum(len(b) for _, b, _, _ in plan) + sum(1 for *_, s in plan if not s.odd)
@@ -350,20 +349,20 @@ def run_check(opts: CheckOptions) -> int:
         bar.write(format_row(row))
         flush(False)
 
-    header = (f"{'op':<14} {'backend':<7} {'dtype':<9} {'shape':<28} error / tolerance / µs, throughput, ratios")
-    bar.write(header)
+    bar.write(f"{_head('op', 'backend', 'dtype', 'shape')} error / tolerance / µs, throughput, ratios")
     # Correctness of everything first: it is what a short GPU window must not miss.
     for case, backends, dtype, shape in plan:
         for b in backends:
-            base = {"kind": "correctness", "op": case.name, "backend": b, "dtype": str(dtype)[6:], "shape": shape.label}
             t0 = time.perf_counter()
             try:
-                row = {**base, **check_correctness(case, b, shape, dtype, opts.device)}
+                result = check_correctness(case, b, shape, dtype, opts.device)
             except Exception as e:  # noqa: BLE001 - a crash is a failure of that kernel, reported, not fatal
-                row = {**base, "ok": False, "ratio": math.inf, "max_err": math.inf, "tol": floor(dtype, opts.device, case.convolution),
-                       "worst": "error", "error": f"{type(e).__name__}: {e}"[:500], "dispatch_ops": list(case.dispatches)}
-            row["seconds"] = round(time.perf_counter() - t0, 3)  # on a GPU: mostly JIT compilation
-            emit(row)
+                result = {"ok": False, "ratio": math.inf, "max_err": math.inf,
+                          "tol": floor(dtype, opts.device, case.convolution), "worst": "error",
+                          "error": f"{type(e).__name__}: {e}"[:500]}
+            emit({"kind": "correctness", "op": case.name, "backend": b, "dtype": _dtype_name(dtype),
+                  "shape": shape.label, **result, "dispatch_ops": list(case.dispatches),
+                  "seconds": round(time.perf_counter() - t0, 3)})  # on a GPU: mostly JIT compilation
             bar.update()
     # Then speed, first without torch.compile (what verified dispatch needs), then compile's times added
     # to those rows (each compile takes seconds to minutes) while the time budget lasts.
@@ -374,12 +373,12 @@ def run_check(opts: CheckOptions) -> int:
         return False
 
     budget_s = 0.05 if opts.quick else 0.3
-    timed_units = []  # (case, shape, dtype, its speed rows)
+    timed_units = []  # (case, shape, dtype, what, its speed rows)
     for case, backends, dtype, shape in plan:
         if shape.odd:
             continue
         bar.update()
-        what = f"{case.name} / {str(dtype)[6:]} / {shape.label}"
+        what = f"{case.name} / {_dtype_name(dtype)} / {shape.label}"
         if over_budget(f"timing {what}"):
             continue
         # the Triton interpreter's speed means nothing
@@ -394,29 +393,26 @@ def run_check(opts: CheckOptions) -> int:
         rows = []
         for b in timed:
             t = times[b]
-            rows.append({"kind": "speed", "op": case.name, "backend": b, "dtype": str(dtype)[6:],
+            rows.append({"kind": "speed", "op": case.name, "backend": b, "dtype": _dtype_name(dtype),
                          "shape": shape.label, "us": t * 1e6, "unit": unit,
                          "throughput": work / t / (1e12 if unit == "TFLOP" else 1e9),
                          "eager_us": times["eager"] * 1e6, "compile_us": None, "x_torch": times["torch"] / t,
-                         "x_eager": times["eager"] / t, "x_compile": None,
-                         "dispatch_ops": next((r["dispatch_ops"] for r in reversed(report["results"])
-                                               if r["kind"] == "correctness" and r["op"] == case.name
-                                               and r["backend"] == b), list(case.dispatches))})
+                         "x_eager": times["eager"] / t, "x_compile": None, "dispatch_ops": list(case.dispatches)})
             emit(rows[-1])
-        timed_units.append((case, shape, dtype, rows))
-    for case, shape, dtype, rows in timed_units if opts.compile else ():
-        what = f"{case.name} / {str(dtype)[6:]} / {shape.label}"
+        timed_units.append((case, shape, dtype, what, rows))
+    for case, shape, dtype, what, rows in timed_units if opts.compile else ():
         if over_budget(f"torch.compile timing {what}"):
             continue
         try:
-            t = time_compiled(case, shape, dtype, opts.device, budget_s)
+            torch._dynamo.reset()  # compiled afresh for each problem: no recompile limit
+            t = time_case(case, {"compile": torch.compile(case.eager)}, shape, dtype, opts.device, budget_s)["compile"]
         except Exception as e:  # noqa: BLE001 - a compiler failure is a note, not a kernel failure
             report["skipped"].append(f"torch.compile timing {what} failed: {type(e).__name__}: "
                                      f"{str(e).splitlines()[0] if str(e) else ''}"[:300])
             continue
         for r in rows:
             r.update(compile_us=t * 1e6, x_compile=t / (r["us"] / 1e6))
-        bar.write(f"{case.name:<14} {'compile':<7} {str(dtype)[6:]:<9} {shape.label:<28} {t * 1e6:>10.1f} µs "
+        bar.write(f"{_head(case.name, 'compile', _dtype_name(dtype), shape.label)} {t * 1e6:>10.1f} µs "
                   + " ".join(f"{r['backend']} ×{r['x_compile']:.2f}" for r in rows))
         flush(False)
     bar.close()

@@ -8,6 +8,7 @@ before it (so a working set that would fit in L2 is not timed warm). The benchma
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import Callable
@@ -18,7 +19,6 @@ __all__ = ["WARMUP_RUNS", "synchronize", "warm_up", "synchronized", "median_seco
 
 WARMUP_RUNS = 3
 _FLUSH_BYTES = 256 << 20  # larger than any GPU's L2 (H100: 50 MB)
-_flush_buffers: dict[torch.device, torch.Tensor] = {}
 
 
 def synchronize(device: torch.device) -> None:
@@ -43,15 +43,13 @@ def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[],
     return run
 
 
-def _flush(device: torch.device) -> None:
-    buf = _flush_buffers.get(device)
-    if buf is None:
-        buf = _flush_buffers[device] = torch.empty(_FLUSH_BYTES, dtype=torch.int8, device=device)
-    buf.zero_()
+@functools.cache
+def _flush_buffer(device: torch.device) -> torch.Tensor:
+    return torch.empty(_FLUSH_BYTES, dtype=torch.int8, device=device)
 
 
 def _cuda_seconds(fn: Callable[[], object], device: torch.device) -> float:
-    _flush(device)
+    _flush_buffer(device).zero_()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     fn()
@@ -60,24 +58,17 @@ def _cuda_seconds(fn: Callable[[], object], device: torch.device) -> float:
     return start.elapsed_time(end) / 1e3
 
 
-def _wall_seconds(run: Callable[[], None]) -> float:
-    t0 = time.perf_counter()
-    run()
-    return time.perf_counter() - t0
-
-
 def median_seconds(fn: Callable[[], object], device: torch.device, *, budget_s: float = 0.5,
                    min_runs: int = 3, max_runs: int = 100, warmup: int = WARMUP_RUNS) -> float:
     """Median time of ``fn()``: at least ``min_runs``, then as many as fit in ``budget_s``."""
     warm_up(fn, device, warmup)
-    if device.type == "cuda":
-        def once() -> float:
-            return _cuda_seconds(fn, device)
-    else:
-        run = synchronized(fn, device)
 
-        def once() -> float:
-            return _wall_seconds(run)
+    def once() -> float:
+        if device.type == "cuda":
+            return _cuda_seconds(fn, device)
+        t0 = time.perf_counter()
+        fn()  # the CPU's work is done when fn returns
+        return time.perf_counter() - t0
     times: list[float] = []
     start_all = time.perf_counter()
     while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start_all < budget_s):
