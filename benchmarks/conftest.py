@@ -5,7 +5,6 @@ and ratios against the eager baseline measured in the same run."""
 from __future__ import annotations
 
 import os
-import platform
 
 import pytest
 import torch
@@ -55,17 +54,10 @@ def timed(benchmark, fn, device: torch.device, *, bytes_moved: int, provider: st
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    import importlib.util
+    from madfast.check.environment import environment
 
-    machine_info["torch"] = torch.__version__
-    machine_info["cuda"] = torch.version.cuda
-    machine_info["triton"] = (__import__("triton").__version__ if importlib.util.find_spec("triton") else None)
-    machine_info["python"] = platform.python_version()
-    if torch.cuda.is_available():
-        machine_info["gpu"] = torch.cuda.get_device_name()
-        machine_info["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
-        machine_info["driver"] = torch.cuda.driver_version() if hasattr(torch.cuda, "driver_version") else None
-    machine_info["cpu_threads"] = torch.get_num_threads()
+    for key, value in environment(torch.device(config.getoption("--bench-device"))).items():
+        machine_info.setdefault(key, value)  # pytest-benchmark's own "cpu" (cpuinfo) stays
 
 
 def _ratios(benchmarks) -> None:

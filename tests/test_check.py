@@ -84,6 +84,16 @@ def _rows(out: Path) -> list[dict]:
     return [r for r in json.loads((out / "check.json").read_text())["results"] if r["kind"] == "correctness"]
 
 
+def test_inputs_are_the_same_in_every_process():
+    """A rerun checks the same values: the input seed must not come from the salted str hash."""
+    code = ("from madfast.check.cases import CASES; from madfast.check.runner import _inputs; import torch; "
+            "c = CASES['kl']; s = c.shapes(1, True)[0]; "
+            "print(sum(float(t.double().sum()) for t in _inputs(c, s, torch.float32, torch.device('cpu'))))")
+    sums = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(sums) == 1, sums
+
+
 def test_a_perturbed_kernel_fails_the_check(tmp_path, monkeypatch):
     """A fused kernel off by 1 %: exit status 1, FAIL in the rows and the table, the torch path ok."""
     _perturb(monkeypatch, "kl_div", lambda real: lambda *a, **k: real(*a, **k) * 1.01)

@@ -18,7 +18,6 @@ import collections
 import contextlib
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from madfast.check.environment import environment
 from madfast.check.timing import synchronize, warm_up
 
 __all__ = ["CASES", "PROVIDERS", "OpCounter", "make_task", "bench_step", "write_step_report"]
@@ -312,17 +312,8 @@ def bench_step(case: str = "r34_r18_32px_b256", providers: tuple[str, ...] = ("e
         for r in results.values():
             r["speedup_vs_eager"] = results["eager"]["median_s"] / r["median_s"]
     return {"case": case, **spec, "batch": max(2, spec["batch"] // divisor), "divisor": divisor,
-            "device": str(device), "machine": _machine(device), "date": time.strftime("%Y-%m-%d"),
+            "device": str(device), "machine": environment(device), "date": time.strftime("%Y-%m-%d"),
             "providers": results}
-
-
-def _machine(device: torch.device) -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor() or
-            platform.machine(), "cpu_threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    if device.type == "cuda":
-        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
-    return info
 
 
 def write_step_report(result: dict, stem: str) -> list[str]:
