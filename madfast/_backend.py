@@ -74,13 +74,10 @@ def _load_extension() -> str | None:
     try:
         from madfast import _C  # noqa: F401  (registers the C++/CUDA kernels)
     except (ImportError, OSError, RuntimeError) as e:  # RuntimeError: a stale build the dispatcher rejects
-        warnings.warn(
-            f"madfast: the compiled extension madfast._C could not be loaded ({str(e).splitlines()[0]}); "
-            "the C++/CUDA backends are unavailable and the Triton/torch ones are used.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return str(e).splitlines()[0]
+        reason = str(e).splitlines()[0]
+        warnings.warn(f"madfast: the compiled extension madfast._C could not be loaded ({reason}); the C++/CUDA "
+                      "backends are unavailable and the Triton/torch ones are used.", RuntimeWarning, stacklevel=3)
+        return reason
     return None
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_floating", "check_same", "check_positive", "check_choice"]
+__all__ = ["check_floating", "check_same", "check_devices", "check_positive", "check_choice"]
 
 
 def check_floating(op: str, name: str, t: torch.Tensor, ndim: int | tuple[int, ...] | None = None) -> None:

@@ -5,6 +5,7 @@ this is called). torch.compile traces through the fakes; the backward calls its 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -33,11 +34,5 @@ def register(op: str, *, fake: Callable, backward_fake: Callable | None = None,
         if bwd is not None and backward_fake is not None:
             torch.library.register_fake(f"madfast::{bwd}")(backward_fake)
         if backward is not None:
-            torch.library.register_autograd(f"madfast::{fwd}", _bind(backward, getattr(torch.ops.madfast, bwd)),
+            torch.library.register_autograd(f"madfast::{fwd}", partial(backward, getattr(torch.ops.madfast, bwd)),
                                             setup_context=setup_context)
-
-
-def _bind(backward: Callable, backward_op) -> Callable:
-    def bound(ctx, *grads):
-        return backward(backward_op, ctx, *grads)
-    return bound

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from madfast.ops._dtypes import acc_dtype
+from madfast.ops._triton import TL_DTYPES
 from madfast.ops.bn_stats.triton_kernel import moments_view
 
 __all__ = ["triton_bn_lrelu"]
@@ -51,21 +52,22 @@ def _bn_lrelu_kernel(
         tl.atomic_add(gscale_ptr + c, tl.sum(acc_scale, 0).to(gscale_ptr.dtype.element_ty))
         tl.atomic_add(gshift_ptr + c, tl.sum(acc_shift, 0).to(gshift_ptr.dtype.element_ty))
 
+
 def triton_bn_lrelu(y, scale, shift, slope, grad=None):
     """Forward (``grad`` None): (LeakyReLU(y·scale + shift), zeros, zeros). Backward: (grad_y, the
     gradients of scale and shift). grad_y/out in y's layout, the (C,) sums in the accumulation dtype."""
-    y, s_n, s_c, s_hw, _ = moments_view(y)
+    y, s_n, s_c, s_hw, channels_last = moments_view(y)
     N, C, H, W = y.shape
     out = torch.empty_like(y)
     acc = acc_dtype(y.dtype)
     g_scale = torch.zeros(C, dtype=acc, device=y.device)
     g_shift = torch.zeros_like(g_scale)
     if y.numel():
-        g = grad.contiguous(memory_format=torch.channels_last if s_c == 1 and C > 1 else
-                            torch.contiguous_format) if grad is not None else y
+        g = y if grad is None else grad.contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         splits = min(MAX_SPLIT, triton.cdiv(N * H * W, BLOCK))
         _bn_lrelu_kernel[(C, splits)](
             y, out, g, out, scale.to(acc).contiguous(), shift.to(acc).contiguous(), g_scale, g_shift,
             N, H * W, s_n, s_c, s_hw, float(slope), splits, BACKWARD=grad is not None,
-            ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=BLOCK)
+            ACC=TL_DTYPES[acc], BLOCK=BLOCK)
     return out, g_scale, g_shift

@@ -9,16 +9,20 @@ import torch
 
 from madfast.ops._layout import kernel_memory_format
 
-__all__ = ["layers_key", "layer_key", "check_layers"]
+__all__ = ["check_lengths", "layers_key", "layer_key", "check_layers"]
+
+
+def check_lengths(xs, rms, rvs, op: str) -> None:
+    if not xs:
+        raise ValueError(f"{op}: x must hold at least one tensor")
+    if not len(rms) == len(rvs) == len(xs):
+        raise ValueError(f"{op}: x has {len(xs)} tensors but running_mean has {len(rms)} and running_var {len(rvs)}")
 
 
 def layers_key(xs, rms, rvs, op: str) -> tuple:
     """Per layer: (dtype, shape, device, channels_last, ((dtype, shape, device) of running_mean and of
     running_var)) — all the checks and a plan depend on; the list lengths checked."""
-    if not xs:
-        raise ValueError(f"{op}: x must hold at least one tensor")
-    if not len(rms) == len(rvs) == len(xs):
-        raise ValueError(f"{op}: x has {len(xs)} tensors but running_mean has {len(rms)} and running_var {len(rvs)}")
+    check_lengths(xs, rms, rvs, op)
     return tuple(layer_key(x, ((m.dtype, m.shape, m.device), (v.dtype, v.shape, v.device)))
                  for x, m, v in zip(xs, rms, rvs))
 

@@ -14,11 +14,11 @@ import importlib.util
 import torch
 
 from madfast import _backend
-from madfast.ops._checks import check_devices, check_floating
+from madfast.ops._checks import check_devices, check_floating, check_same
 from madfast.ops._dtypes import acc_dtype
 from madfast.ops._layout import kernel_memory_format
 from madfast.ops._register import present, register
-from madfast.ops.bn_stats.layers import check_layers, layers_key
+from madfast.ops.bn_stats.layers import check_layers, check_lengths, layers_key
 from madfast.ops.bn_stats.reference import torch_bn_stat_loss, torch_channel_moments
 
 __all__ = ["bn_stat_loss", "bn_stat_losses", "channel_moments", "check_bn_args"]
@@ -31,8 +31,7 @@ def check_bn_args(x, running_mean, running_var) -> None:
         check_floating(op, name, t, ndim=1)
         if t.shape[0] != x.shape[1]:
             raise ValueError(f"{op}: {name} has {t.shape[0]} entries but x has {x.shape[1]} channels")
-        if t.device != x.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+        check_same(op, name, t, "x", x, shape=False, dtype=False)
 
 
 def _fake_moments(x):
@@ -168,11 +167,7 @@ def bn_stat_losses(xs: list[torch.Tensor], running_means: list[torch.Tensor], ru
     Returns:
         A 0-d tensor, fp32 (fp64 when an x is fp64), differentiable w.r.t. every x.
     """
-    if not xs:
-        raise ValueError("bn_stat_losses: xs must hold at least one tensor")
-    if not len(running_means) == len(running_vars) == len(xs):
-        raise ValueError(f"bn_stat_losses: x has {len(xs)} tensors but running_mean has {len(running_means)} "
-                         f"and running_var {len(running_vars)}")
+    check_lengths(xs, running_means, running_vars, "bn_stat_losses")
     chosen = _backend.choose("bn_stat_losses", backend, xs[0].device)
     if chosen != "torch":
         return _BnStatLosses.apply(_MULTI_LAYER[chosen], len(xs), *xs, *running_means, *running_vars)

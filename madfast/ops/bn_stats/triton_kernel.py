@@ -44,7 +44,7 @@ from madfast.ops._triton import TL_DTYPES
 from madfast.ops.bn_stats.layers import check_layers, layer_key, layers_key
 
 __all__ = ["triton_channel_moments", "triton_channel_moments_backward", "triton_bn_stat_losses",
-           "triton_bn_stat_losses_backward", "moments_view", "moment_splits", "MAX_LAYERS"]
+           "triton_bn_stat_losses_backward", "moments_view", "MAX_LAYERS"]
 
 BLOCK = 1024  # NCHW: elements per chunk
 BLOCK_P, BLOCK_C = 64, 32  # channels_last: positions × channels per tile
@@ -319,7 +319,6 @@ def _backward_cl_kernel(
 
 @dataclass(frozen=True)
 class _Launch:
-    dtype: torch.dtype  # of its layers' inputs
     channels_last: bool
     rows: slice  # of the layer table
     layers: tuple[int, ...]  # positions in the call's list, in row order
@@ -358,7 +357,7 @@ def _plan(key: tuple, op: str) -> _Plan:
         groups.setdefault((dtype, channels_last), []).append(i)
         cols.append(cols[-1] + shape[1])
     rows, launches, parts = [], [], 0
-    for (dtype, channels_last), members in groups.items():
+    for (_, channels_last), members in groups.items():
         for i in range(0, len(members), MAX_LAYERS):
             chunk, first = members[i:i + MAX_LAYERS], 0
             for layer in chunk:
@@ -367,8 +366,7 @@ def _plan(key: tuple, op: str) -> _Plan:
                 rows.append((first, n, c, h * w, splits, per, parts, cols[layer], layer, 0))
                 first += programs
                 parts += c * splits
-            launches.append(_Launch(dtype, channels_last, slice(len(rows) - len(chunk), len(rows)), tuple(chunk),
-                                    first))
+            launches.append(_Launch(channels_last, slice(len(rows) - len(chunk), len(rows)), tuple(chunk), first))
     acc = torch.float64 if any(k[0] == torch.float64 for k in key) else torch.float32
     table = torch.tensor(rows, dtype=torch.int64).to(device)
     return _Plan(table, tuple(launches), parts, cols[-1], acc)

@@ -112,8 +112,7 @@ def _fake_ema_update_(ema_tensors, tensors, decay, decay_value=0.0, sr_seed=-1, 
     check_ema_args(ema_tensors, tensors, decay if decay is not None else decay_value)
 
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
-if _HAS_TRITON:
+if importlib.util.find_spec("triton") is not None:
     from madfast.ops.ema.triton_kernel import triton_ema_update_
 
     @torch.library.custom_op("madfast::ema_update_triton_", mutates_args=("ema_tensors",))
@@ -123,20 +122,16 @@ if _HAS_TRITON:
 
 
 register("ema_update_", fake=_fake_ema_update_, backends=("cpp", "cuda"))
-register("ema_update_", fake=lambda ema_tensors, tensors, weight: check_ema_args(ema_tensors, tensors, weight),
-         backends=("triton",))
+register("ema_update_", fake=check_ema_args, backends=("triton",))  # its weight, 1 − decay, checked as a decay
 
 
 def compiled_ema_update_(ema_tensors, tensors, decay, seed: int | None, step: int, host_table=None,
                          table=None) -> None:
     """The C++/CUDA op; every per-pair check in C++. ``host_table``/``table``: a cached pointer table
     (see madfast.nn.ema._kernel)."""
-    if isinstance(decay, torch.Tensor):
-        torch.ops.madfast.ema_update_(ema_tensors, tensors, decay, 0.0, -1 if seed is None else seed, step,
-                                      host_table, table)
-    else:
-        torch.ops.madfast.ema_update_(ema_tensors, tensors, None, float(decay), -1 if seed is None else seed, step,
-                                      host_table, table)
+    tensor = isinstance(decay, torch.Tensor)
+    torch.ops.madfast.ema_update_(ema_tensors, tensors, decay if tensor else None, 0.0 if tensor else float(decay),
+                                  -1 if seed is None else seed, step, host_table, table)
 
 
 def ema_update_(ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor],

@@ -55,15 +55,11 @@ def _ema_multi_tensor_kernel(
 
 
 def _flat_pair(e: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tensors the kernel may read as flat arrays in memory order (see csrc/ema.h FlatPair)."""
-    if not _dense(e):
+    """Tensors the kernel may read as flat arrays in memory order (see csrc/ema.h FlatPair): the
+    layouts a model's tensors have are read in place, any other through a contiguous copy."""
+    if not (e.is_contiguous() or (e.dim() == 4 and e.is_contiguous(memory_format=torch.channels_last))):
         return e.contiguous(), p.contiguous()
     return e, (p if p.stride() == e.stride() else torch.empty_like(e, dtype=p.dtype).copy_(p))
-
-
-def _dense(t: torch.Tensor) -> bool:
-    # The layouts a model's tensors have; any other goes through a contiguous copy.
-    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
 
 def _table(pairs: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> tuple[torch.Tensor, int]:

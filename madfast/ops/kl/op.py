@@ -17,11 +17,9 @@ from madfast import _backend
 from madfast.ops._checks import check_choice, check_devices, check_floating, check_positive, check_same
 from madfast.ops._dtypes import acc_dtype
 from madfast.ops._register import register
-from madfast.ops.kl.reference import REDUCTIONS, torch_kl_div
+from madfast.ops.kl.reference import N_STATS, REDUCTIONS, loss_outputs, torch_kl_div
 
 __all__ = ["kl_div", "kl_loss", "l1_loss", "check_kl_args"]
-
-N_STATS = 5  # csrc/logit_losses.h KlStat
 
 
 def check_kl_args(op: str, student_logits, teacher_logits, temperature) -> None:
@@ -31,23 +29,16 @@ def check_kl_args(op: str, student_logits, teacher_logits, temperature) -> None:
     check_positive(op, "temperature", temperature)
 
 
-def _fake_outputs(s, reduction):
-    acc = acc_dtype(s.dtype)
-    if reduction == "none":
-        return s.new_empty(s.shape[0]), s.new_empty(0, dtype=acc)
-    return s.new_empty(()), s.new_empty((), dtype=acc)
-
-
 def _fake_kl_fwd(s, t, temperature, reduction, sign, bound):
     # checked here too: a meta tensor beside a real one sends the dispatcher to this fake
     check_kl_args("kl_div_fwd", s, t, temperature)
-    loss, total = _fake_outputs(s, reduction)
+    loss, total = loss_outputs(s, reduction)
     return loss, s.new_empty((N_STATS, s.shape[0]), dtype=acc_dtype(s.dtype)), total
 
 
 def _fake_l1_fwd(s, t, reduction, sign, bound):
     check_kl_args("l1_fwd", s, t, 1.0)
-    return _fake_outputs(s, reduction)
+    return loss_outputs(s, reduction)
 
 
 def _fake_grads(s, grad_s, grad_t):

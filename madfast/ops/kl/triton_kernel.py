@@ -19,13 +19,12 @@ import triton.language as tl
 
 from madfast.ops._dtypes import acc_dtype
 from madfast.ops._triton import TL_DTYPES
+from madfast.ops.kl.reference import N_STATS, loss_outputs
 
-__all__ = ["triton_kl_div_fwd", "triton_kl_div_bwd", "triton_l1_fwd", "triton_l1_bwd", "launch_config",
-           "reduction_factor"]
+__all__ = ["triton_kl_div_fwd", "triton_kl_div_bwd", "triton_l1_fwd", "triton_l1_bwd"]
 
 MAX_BLOCK_C = 4096
 REDUCE_BLOCK = 1024
-N_STATS = 5  # max_s, log_s, max_t, log_t, kl
 
 
 def launch_config(n_rows: int, n_cols: int) -> tuple[int, int, int]:
@@ -210,14 +209,6 @@ def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(1) == 1 or x.shape[1] <= 1 else x.contiguous()
 
 
-def _outputs(s: torch.Tensor, reduction: str):
-    """(loss, total) as the C++ op allocates them."""
-    acc = acc_dtype(s.dtype)
-    if reduction == "none":
-        return s.new_empty(s.shape[0]), s.new_empty(0, dtype=acc)
-    return s.new_empty(()), s.new_empty((), dtype=acc)
-
-
 def _finish(rows_acc, loss, total, reduction, scale, sign, bound):
     """The second stage of a reduced loss (nothing for "none": the rows were written already)."""
     if reduction != "none":
@@ -232,7 +223,7 @@ def triton_kl_div_fwd(s, t, temperature: float, reduction: str, sign: float, bou
     """(loss, stats (5, B), total); arguments already validated."""
     s, t = _rows_contiguous(s), _rows_contiguous(t)
     (B, C), acc = s.shape, acc_dtype(s.dtype)
-    loss, total = _outputs(s, reduction)
+    loss, total = loss_outputs(s, reduction)
     stats = s.new_empty((N_STATS, B), dtype=acc)
     if B > 0:
         block_c, rows, warps = launch_config(B, C)
@@ -247,7 +238,7 @@ def triton_l1_fwd(s, t, reduction: str, sign: float, bound: float | None):
     """(loss, total); arguments already validated."""
     s, t = _rows_contiguous(s), _rows_contiguous(t)
     (B, C), acc = s.shape, acc_dtype(s.dtype)
-    loss, total = _outputs(s, reduction)
+    loss, total = loss_outputs(s, reduction)
     rows_acc = s.new_empty(B, dtype=acc)
     if B > 0:
         block_c, rows, warps = launch_config(B, C)
@@ -256,11 +247,6 @@ def triton_l1_fwd(s, t, reduction: str, sign: float, bound: float | None):
             ACC=TL_DTYPES[acc], WRITE_ROWS=reduction == "none", ROWS=rows, BLOCK_C=block_c, num_warps=warps)
     _finish(rows_acc, loss, total, reduction, reduction_factor(reduction, B, C), sign, bound)
     return loss, total
-
-
-def _grad_args(grad, s, reduction):
-    grad = grad.to(s.dtype)  # may change the strides: read them after
-    return grad, 0 if reduction != "none" else grad.stride(0)
 
 
 def _launch_bwd(kernel, s, t, stats: tuple, grad, total, scalars: tuple, reduction: str, sign: float,
@@ -274,7 +260,8 @@ def _launch_bwd(kernel, s, t, stats: tuple, grad, total, scalars: tuple, reducti
     gt = s.new_empty((B, C) if grad_t else (0,))
     if B == 0 or not (grad_s or grad_t):
         return gs, gt
-    grad, g_stride = _grad_args(grad, s, reduction)
+    grad = grad.to(s.dtype)  # may change the strides: read them after
+    g_stride = 0 if reduction != "none" else grad.stride(0)
     block_c, rows, warps = launch_config(B, C)
     kernel[(triton.cdiv(B, rows),)](
         s, t, *stats, grad, total, gs, gt, B, C, s.stride(0), t.stride(0), g_stride, *scalars,
