@@ -74,7 +74,7 @@ def _load_extension() -> str | None:
     try:
         from madfast import _C  # noqa: F401  (registers the C++/CUDA kernels)
     except (ImportError, OSError, RuntimeError) as e:  # RuntimeError: a stale build the dispatcher rejects
-        reason = str(e).splitlines()[0]
+        reason = (str(e).splitlines() or [type(e).__name__])[0]  # an empty message still names the error
         warnings.warn(f"madfast: the compiled extension madfast._C could not be loaded ({reason}); the C++/CUDA "
                       "backends are unavailable and the Triton/torch ones are used.", RuntimeWarning, stacklevel=3)
         return reason
