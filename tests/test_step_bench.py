@@ -29,7 +29,7 @@ def _conv_flops(c_in: int, c_out: int, k: int, h: int, w: int) -> int:
 def test_it_times_the_named_configurations(result):
     eager, default = result["providers"]["eager"], result["providers"]["default"]
     assert eager["resolved"] == dict(backend="torch", amp="none", channels_last=False, cudnn_benchmark=False,
-                                     optimizer_impl="loop", compile=False)
+                                     optimizer_impl="loop", compile=False, compile_mode="default")
     assert default["resolved"]["backend"] == "auto" and default["resolved"]["optimizer_impl"] == "fused"
     assert eager["speedup_vs_eager"] == 1.0
     assert default["speedup_vs_eager"] == pytest.approx(eager["median_s"] / default["median_s"])

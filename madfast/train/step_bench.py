@@ -206,12 +206,9 @@ def _profile(task, device: torch.device, iterations: int) -> dict:
     owner: dict[int, str] = {}
     net_of: dict[int, str] = {}
     for e in events:
-        p, net = e, None
-        while p is not None:
-            if p.name.startswith("forward/"):
-                net = p.name.removeprefix("forward/")
-            p = p.cpu_parent
-        if net is not None:
+        nets = [p.name.removeprefix("forward/") for p in _ancestors(e) if p.name.startswith("forward/")]
+        if nets:
+            net = nets[-1]  # the outermost network
             net_of[id(e)] = net
             if e.sequence_nr >= 0:
                 owner.setdefault(e.sequence_nr, net)
@@ -299,7 +296,7 @@ def bench_step(case: str = "r34_r18_32px_b256", providers: tuple[str, ...] = ("e
         results[name] = {
             "overrides": PROVIDERS[name](device),
             "resolved": {k: getattr(task.cfg, k) for k in ("backend", "amp", "channels_last", "cudnn_benchmark",
-                                                           "optimizer_impl", "compile")},
+                                                           "optimizer_impl", "compile", "compile_mode")},
             "median_s": median, "min_s": min(times[name]), "max_s": max(times[name]), "rounds": rounds,
             "samples_per_s": images / median,
             "phase_ms": {k: v * 1e3 / phase_rounds for k, v in phases.items()},
