@@ -44,11 +44,8 @@ _IMAGENET_SCALE = {
 PRESETS: dict[str, dict[str, tuple[object, str]]] = {
     "cifar10": {"dataset": ("cifar10", P), **_CIFAR},
     "cifar100": {"dataset": ("cifar100", P), **_CIFAR},
-    "tinyimagenet": {"dataset": ("tinyimagenet", P), **_COMMON,
-                     "teacher": ("resnet34", O), "student": ("resnet18", O), "img_size": (64, P),
-                     "batch_size": (256, O), "steps": (30000, O), "g_pretrain_steps": (300, O),
-                     "optimizer_s": ("sgd", PR), "lr_s": (0.1, PR), "weight_decay_s": (5e-4, PR),
-                     "lambda_ce": (1.0, O), "lambda_bn": (None, O)},
+    "tinyimagenet": {"dataset": ("tinyimagenet", P), **_CIFAR, "teacher": ("resnet34", O), "student": ("resnet18", O),
+                     "img_size": (64, P), "steps": (30000, O), "g_pretrain_steps": (300, O)},
     "imagenet": {"dataset": ("imagenet", P), **_IMAGENET_SCALE},
     "places365": {"dataset": ("places365", P), **_IMAGENET_SCALE},
 }
