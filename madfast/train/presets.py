@@ -1,9 +1,7 @@
 """Per-data-set starting points for `madfast distill --preset NAME`.
 
-Each value carries where it comes from: [paper] stated by the MAD paper, [reported] from secondary
-summaries of it, [practice] from the practitioners' code bases (Fast-Datafree, CMI, DeepInversion),
-[ours] our choice where none of them says (see shared/mad/ALGORITHM.md). Resolution order:
-defaults ← preset ← --config file ← flags.
+Each value carries its source, as in madfast.train.config: paper, reported, practice or ours (see
+shared/mad/ALGORITHM.md). Resolution order: defaults ← preset ← --config file ← flags.
 """
 
 from __future__ import annotations
