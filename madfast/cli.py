@@ -327,12 +327,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _COMMANDS[args.command](args)
-    except UsageError as e:
+    except (UsageError, NonFiniteLossError) as e:
         print(f"madfast {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"madfast {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
     except Preempted as e:
         print(f"madfast {args.command}: {e}; the newest complete checkpoint is kept", file=sys.stderr)
         return EXIT_PREEMPTED
