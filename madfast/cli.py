@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from madfast.errors import EXIT_PREEMPTED, UsageError
+from madfast.errors import EXIT_PREEMPTED, CheckpointError, UsageError
 
 __all__ = ["main", "build_parser"]
 
@@ -18,6 +18,12 @@ _EPILOG_DISTILL = """examples:
       --teacher-ckpt runs/t34/teacher.pt --student cifar_resnet18 --out runs/mad-c10
   madfast distill --resume runs/mad-c10                 # continue exactly where it stopped
   torchrun --nproc_per_node 4 -m madfast distill --config run.yaml --amp bf16 --compile"""
+
+
+_EPILOG_CHECK = """examples:
+  madfast check                                   # every op on this GPU; then `madfast check --save`
+  madfast check --device cpu --quick --out /tmp/c # the CPU rehearsal CI runs
+  madfast check --ops kl,adversarial --dtypes bfloat16"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,6 +44,7 @@ def _config_parser(sub, name: str, cls, help: str, epilog: str | None = None) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from madfast.check import OP_NAMES
     from madfast.train.config import DistillConfig, TeacherConfig
 
     parser = _Parser(prog="madfast", description="Data-free knowledge distillation by "
@@ -91,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "correctness check fails.", epilog=_EPILOG_CHECK,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
-    p.add_argument("--ops", help="comma-separated subset of: " + ", ".join(_check_ops()))
+    p.add_argument("--ops", help="comma-separated subset of: " + ", ".join(OP_NAMES))
     p.add_argument("--dtypes", help="comma-separated subset of float32,bfloat16,float16,float64 (default: all)")
     p.add_argument("--quick", action="store_true", help="one small benchmark shape per op, short timings, "
                    "no torch.compile unless --compile")
@@ -125,18 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=10, help="step: timed iterations per provider")
     p.add_argument("--divisor", type=int, help="step: divide the case's batch by this (default: 1 on CUDA, 32 on CPU)")
     return parser
-
-
-def _check_ops() -> tuple[str, ...]:
-    from madfast.check import OP_NAMES
-
-    return OP_NAMES
-
-
-_EPILOG_CHECK = """examples:
-  madfast check                                   # every op on this GPU; then `madfast check --save`
-  madfast check --device cpu --quick --out /tmp/c # the CPU rehearsal CI runs
-  madfast check --ops kl,adversarial --dtypes bfloat16"""
 
 
 def _with_file(args) -> dict:
@@ -194,9 +189,7 @@ def _cmd_train_teacher(args) -> int:
 def _cmd_distill(args) -> int:
     from madfast.train import DistillConfig, distill
     from madfast.train.checkpoint import load_checkpoint
-    from madfast.train.config import config_from_args
-
-    from madfast.train.config import format_config
+    from madfast.train.config import config_from_args, format_config
     from madfast.train.presets import preset_values
 
     base = {}
@@ -229,7 +222,6 @@ def _cmd_distill(args) -> int:
 
 def _cmd_eval(args) -> int:
     from madfast.data import Normalize, build_dataset, dataset_info
-    from madfast.errors import CheckpointError
     from madfast.models import build_model
     from madfast.models.checkpoints import load_teacher_weights
     from madfast.models.from_timm import timm_data_info
@@ -335,12 +327,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _COMMANDS[args.command](args)
-    except UsageError as e:
+    except (UsageError, NonFiniteLossError) as e:
         print(f"madfast {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"madfast {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
     except Preempted as e:
         print(f"madfast {args.command}: {e}; the newest complete checkpoint is kept", file=sys.stderr)
         return EXIT_PREEMPTED

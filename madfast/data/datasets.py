@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils.data import Dataset
@@ -58,10 +58,10 @@ def dataset_info(name: str, data_dir: str | None = None, img_size: int | None = 
         raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     info = DATASETS[name]
     if name == "digits" and img_size is not None:
-        info = DatasetInfo(name, info.num_classes, info.channels, img_size, info.mean, info.std)
+        info = replace(info, img_size=img_size)
     if name in ("tinyimagenet", "imagenet", "places365", "imagefolder"):
         classes = _folder_classes(name, data_dir, "test")
-        info = DatasetInfo(name, len(classes), info.channels, img_size or info.img_size, info.mean, info.std)
+        info = replace(info, num_classes=len(classes), img_size=img_size or info.img_size)
     return info
 
 
@@ -137,10 +137,10 @@ def build_dataset(name: str, split: str, data_dir: str | None = None, img_size: 
         tf = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
     else:
         tf = [T.Resize(size * 8 // 7 if size >= 224 else size), T.CenterCrop(size)]
-    root = os.path.join(data_dir, _FOLDER_SPLITS[split])
+    root, transform = os.path.join(data_dir, _FOLDER_SPLITS[split]), T.Compose([*tf, T.ToTensor()])
     if index is not None:
-        return _listed_image_folder(root, index, T.Compose([*tf, T.ToTensor()]))
+        return _listed_image_folder(root, index, transform)
     try:
-        return datasets.ImageFolder(root, transform=T.Compose([*tf, T.ToTensor()]))
+        return datasets.ImageFolder(root, transform=transform)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"dataset {name!r}: {e}") from None

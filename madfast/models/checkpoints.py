@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+
 import torch
 from torch import nn
 
@@ -110,12 +111,8 @@ def extract_state_dict(obj) -> dict[str, torch.Tensor]:
         keys = f" (top-level keys: {', '.join(map(str, list(obj)[:8]))})" if isinstance(obj, dict) else ""
         raise CheckpointError(f"holds no state dict of tensors{keys}")
     state = dict(obj)
-    stripped = True
-    while stripped:
-        stripped = False
-        for p in _PREFIXES:
-            if all(k.startswith(p) for k in state):
-                state, stripped = {k[len(p):]: v for k, v in state.items()}, True
+    while prefix := next((p for p in _PREFIXES if all(k.startswith(p) for k in state)), None):
+        state = {k[len(prefix):]: v for k, v in state.items()}
     return state
 
 

@@ -1,5 +1,5 @@
 """Checkpoints: atomic writes (temp file + fsync + rename), the last K kept, a fallback past a
-corrupt newest file, RNG states, teacher files."""
+corrupt newest file, RNG states, teacher files (read by madfast.models.checkpoints)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from torch import nn
 from madfast.errors import CheckpointError
 
 __all__ = ["save_atomic", "save_checkpoint", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
-           "rng_state", "set_rng_state", "save_teacher", "load_teacher"]
+           "rng_state", "set_rng_state", "save_teacher"]
 
 _PATTERN = "ckpt-{:08d}.pt"
 # Test-only: the basename of a file whose write pauses half-way (stderr says so), so that a test
@@ -134,21 +134,3 @@ def save_teacher(path: str, model: nn.Module, name: str, num_classes: int, chann
     save_atomic({"format": "madfast-teacher/1", "model": name, "num_classes": num_classes, "channels": channels,
                  "dataset": dataset, "img_size": img_size, "test_acc": test_acc, "config": config,
                  "state_dict": model.state_dict()}, path)
-
-
-def load_teacher(path: str | None, model: nn.Module, name: str, num_classes: int, channels: int) -> dict:
-    """Loads a `madfast train-teacher` file into ``model`` after checking it is the same architecture."""
-    if not path:
-        raise CheckpointError("--teacher-ckpt is required (train one with `madfast train-teacher`)")
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "madfast-teacher/1":
-        raise CheckpointError(f"--teacher-ckpt {path!r} is not a teacher checkpoint of `madfast train-teacher`")
-    if (ckpt["model"], ckpt["num_classes"], ckpt["channels"]) != (name, num_classes, channels):
-        raise CheckpointError(
-            f"--teacher-ckpt {path!r} holds a {ckpt['model']!r} with {ckpt['num_classes']} classes and "
-            f"{ckpt['channels']} channels, but the run asks for a {name!r} with {num_classes} classes and {channels} channels")
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise CheckpointError(f"--teacher-ckpt {path!r} does not load into {name!r}: {str(e).splitlines()[0]}") from None
-    return ckpt

@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -20,7 +20,7 @@ from madfast._extras import require
 from madfast.errors import UsageError
 
 __all__ = ["DistillConfig", "TeacherConfig", "config_from_dict", "load_config_file", "add_config_args",
-           "config_from_args", "config_to_dict", "format_config", "autocast_dtype", "CHOICES", "CUDAGRAPH_MODES"]
+           "config_from_args", "format_config", "autocast_dtype", "CHOICES", "CUDAGRAPH_MODES"]
 
 
 def _f(default, help: str):
@@ -195,9 +195,9 @@ def _check(ok: bool, name: str, what: str) -> None:
 
 def _check_choices(cfg) -> None:
     for f in fields(cfg):
-        if f.name in CHOICES and getattr(cfg, f.name) not in CHOICES[f.name]:
-            raise UsageError(f"--{f.name.replace('_', '-')} must be one of {', '.join(CHOICES[f.name])}, "
-                             f"got {getattr(cfg, f.name)!r}")
+        if f.name in CHOICES:
+            value = getattr(cfg, f.name)
+            _check(value in CHOICES[f.name], f.name, f"must be one of {', '.join(CHOICES[f.name])}, got {value!r}")
 
 
 def _types(cls) -> dict[str, tuple[type, bool]]:
@@ -260,8 +260,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
     types = _types(cls)
     for f in fields(cls):
         base, optional = types[f.name]
-        default = f.default if f.default is not MISSING else None
-        help_ = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
+        help_ = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
         if base is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
@@ -275,10 +274,6 @@ def config_from_args(cls, args: argparse.Namespace, base: dict | None = None):
     values = dict(base or {})
     values.update({f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None})
     return config_from_dict(cls, values)
-
-
-def config_to_dict(cfg) -> dict:
-    return asdict(cfg)
 
 
 def format_config(cfg, preset: str | None = None, file: dict | None = None, args: argparse.Namespace | None = None) -> str:

@@ -51,11 +51,18 @@ def _progress(total: int, initial: int, enabled: bool, desc: str):
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
 
 
-def _check_split(batch_size: int) -> None:
-    """Before joining the process group, so that every rank fails at once with the same line."""
+def _launch(run, cfg, *args) -> dict:
+    """``run(cfg, ctx, *args)`` inside the process group; the config and batch split are checked
+    before joining it, so that every rank fails at once with the same line."""
+    cfg.validate()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if batch_size % world:
-        raise UsageError(f"--batch-size {batch_size} is not divisible by the {world} ranks")
+    if cfg.batch_size % world:
+        raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by the {world} ranks")
+    ctx = setup(cfg.device)
+    try:
+        return run(cfg, ctx, *args)
+    finally:
+        teardown(ctx)
 
 
 def _reseed(seed: int, step: int, rank: int) -> int:
@@ -102,13 +109,7 @@ def distill(cfg: DistillConfig, resume: str | None = None, stop_after: int | Non
     OUT/summary.json; its ``seconds_to_teacher_fraction`` maps "0.90"/"0.95" to the wall seconds
     until an evaluation first found the student at that fraction of the teacher's accuracy.
     """
-    cfg.validate()
-    _check_split(cfg.batch_size)
-    ctx = setup(cfg.device)
-    try:
-        return _distill(cfg, ctx, resume, stop_after)
-    finally:
-        teardown(ctx)
+    return _launch(_distill, cfg, resume, stop_after)
 
 
 def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_after: int | None) -> dict:
@@ -288,13 +289,7 @@ def _report(name: str, write) -> None:
 
 def train_teacher(cfg: TeacherConfig) -> dict:
     """Supervised training; writes OUT/teacher.pt (with its test accuracy) and OUT/metrics.csv."""
-    cfg.validate()
-    _check_split(cfg.batch_size)
-    ctx = setup(cfg.device)
-    try:
-        return _train_teacher(cfg, ctx)
-    finally:
-        teardown(ctx)
+    return _launch(_train_teacher, cfg)
 
 
 def _train_teacher(cfg: TeacherConfig, ctx: DistContext) -> dict:

@@ -1,9 +1,7 @@
 """Per-data-set starting points for `madfast distill --preset NAME`.
 
-Each value carries where it comes from: [paper] stated by the MAD paper, [reported] from secondary
-summaries of it, [practice] from the practitioners' code bases (Fast-Datafree, CMI, DeepInversion),
-[ours] our choice where none of them says (see shared/mad/ALGORITHM.md). Resolution order:
-defaults ← preset ← --config file ← flags.
+Each value carries its source, as in madfast.train.config: paper, reported, practice or ours (see
+shared/mad/ALGORITHM.md). Resolution order: defaults ← preset ← --config file ← flags.
 """
 
 from __future__ import annotations
@@ -44,11 +42,8 @@ _IMAGENET_SCALE = {
 PRESETS: dict[str, dict[str, tuple[object, str]]] = {
     "cifar10": {"dataset": ("cifar10", P), **_CIFAR},
     "cifar100": {"dataset": ("cifar100", P), **_CIFAR},
-    "tinyimagenet": {"dataset": ("tinyimagenet", P), **_COMMON,
-                     "teacher": ("resnet34", O), "student": ("resnet18", O), "img_size": (64, P),
-                     "batch_size": (256, O), "steps": (30000, O), "g_pretrain_steps": (300, O),
-                     "optimizer_s": ("sgd", PR), "lr_s": (0.1, PR), "weight_decay_s": (5e-4, PR),
-                     "lambda_ce": (1.0, O), "lambda_bn": (None, O)},
+    "tinyimagenet": {"dataset": ("tinyimagenet", P), **_CIFAR, "teacher": ("resnet34", O), "student": ("resnet18", O),
+                     "img_size": (64, P), "steps": (30000, O), "g_pretrain_steps": (300, O)},
     "imagenet": {"dataset": ("imagenet", P), **_IMAGENET_SCALE},
     "places365": {"dataset": ("places365", P), **_IMAGENET_SCALE},
 }

@@ -14,11 +14,6 @@ from madfast.train.task import MADTask
 __all__ = ["save_sample_grid", "save_curves", "grid_classes"]
 
 
-def _pyplot():
-    require("matplotlib", "curves.png").use("Agg")  # files only, no display
-    return require("matplotlib.pyplot", "curves.png")
-
-
 def grid_classes(num_classes: int, max_classes: int = 16) -> torch.Tensor:
     """At most ``max_classes`` class indices spread evenly over 0 … num_classes − 1 (both ends included)."""
     n = min(num_classes, max_classes)
@@ -32,8 +27,6 @@ def save_sample_grid(task: MADTask, path: str, per_class: int = 4, seed: int = 0
     as many of G̃ (when kept). Copies are sampled ``chunk`` images per forward, so that the run's
     generators (and their BN statistics) are untouched and 1000 classes at 224 px fit in memory."""
     utils = require("torchvision.utils", "samples.png")
-    make_grid, save_image = utils.make_grid, utils.save_image
-
     gens = [task.g_raw] + ([task.ema.module] if task.ema is not None else [])
     y = grid_classes(task.g_raw.num_classes, max_classes).repeat_interleave(per_class)
     z = torch.randn(len(y), task.cfg.nz, generator=torch.Generator().manual_seed(seed))
@@ -45,12 +38,13 @@ def save_sample_grid(task: MADTask, path: str, per_class: int = 4, seed: int = 0
         halves.append((x + 1) / 2 if task.cfg.gen_output == "tanh" else x)
     # rows of G's samples, then G̃'s, side by side: (classes, 2·per_class) images
     rows = torch.stack([h.view(-1, per_class, *h.shape[1:]) for h in halves], dim=1).flatten(0, 2)
-    save_image(make_grid(rows.clamp(0, 1), nrow=per_class * len(gens), padding=1), path)
+    utils.save_image(utils.make_grid(rows.clamp(0, 1), nrow=per_class * len(gens), padding=1), path)
 
 
 def save_curves(metrics_csv: str, path: str) -> None:
     """Generator and student losses (left) and student test accuracy (right) against step."""
-    plt = _pyplot()
+    require("matplotlib", "curves.png").use("Agg")  # files only, no display
+    plt = require("matplotlib.pyplot", "curves.png")
     rows = read_metrics(metrics_csv)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     for name in ("g_loss", "g_bn", "g_ce", "s_kl_g", "s_kl_ema"):

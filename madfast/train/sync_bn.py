@@ -19,7 +19,7 @@ __all__ = ["GlobalBNStatHook", "sync_generator_bn"]
 
 class _AllReduceSum(torch.autograd.Function):
     """Σ over ranks, differentiable: the gradient of every rank's copy of the sum is all-reduced
-    too (what torch.distributed.nn.functional.all_reduce did before its deprecation)."""
+    too (as the deprecated torch.distributed.nn.functional.all_reduce does)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:

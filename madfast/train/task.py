@@ -20,7 +20,7 @@ from madfast.train.config import CUDAGRAPH_MODES, DistillConfig, autocast_dtype
 from madfast.train.distributed import DistContext, broadcast_buffers, wrap
 from madfast.train.sync_bn import GlobalBNStatHook, sync_generator_bn
 
-__all__ = ["MADTask", "input_pipeline", "bn_prior_weight"]
+__all__ = ["MADTask", "bn_prior_weight"]
 
 
 def has_batch_norm(model: nn.Module) -> bool:
@@ -37,16 +37,6 @@ def bn_prior_weight(lambda_bn: float | None, teacher: nn.Module, name: str) -> f
         raise UsageError(f"--lambda-bn {lambda_bn:g} needs a teacher with BatchNorm2d layers, and {name!r} has "
                          "none (no batch statistics to match): pass --lambda-bn 0, or none for auto")
     return lambda_bn
-
-
-def input_pipeline(gen_output: str, normalize: nn.Module, channels_last: bool):
-    """Generator images → classifier input: to [0, 1] (from tanh's [-1, 1]), normalised like the data."""
-    def to_input(x: torch.Tensor) -> torch.Tensor:
-        if gen_output == "tanh":
-            x = (x + 1) * 0.5
-        x = normalize(x)
-        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-    return to_input
 
 
 class MADTask:
@@ -82,7 +72,7 @@ class MADTask:
         if self.ema is not None and cfg.share_embedding and self.g_raw.embed is not None:
             # G̃ conditions through G's own class table (not an average of it): one label, one code.
             self.ema.module.embed = self.g_raw.embed
-        self.to_input = input_pipeline(cfg.gen_output, normalize.to(self.device), cfg.channels_last)
+        self.normalize = normalize.to(self.device)
         self.kl = KLDivLoss(cfg.temperature, backend=cfg.backend)
         self.adversarial = AdversarialLoss(cfg.adv_bound, cfg.adv_kind, cfg.temperature, backend=cfg.backend)
         # Under DDP the bound applies to the mean over all ranks' samples (see _adversarial).
@@ -116,6 +106,13 @@ class MADTask:
             self._teacher_f, self._student_f, self._gen_f = compile_(self.teacher), compile_(self.student), compile_(self.generator)
             self._g_sample_f, self._student_g_f = compile_(self.g_raw), compile_(self.student_raw)
             self._ema_f = compile_(self.ema.module) if self.ema is not None else None
+
+    def to_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Generator images → classifier input: to [0, 1] (from tanh's [-1, 1]), normalised like the data."""
+        if self.cfg.gen_output == "tanh":
+            x = (x + 1) * 0.5
+        x = self.normalize(x)
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
 
     def _schedule(self, opt: torch.optim.Optimizer):
         if self.cfg.schedule == "cosine":
