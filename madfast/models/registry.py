@@ -55,5 +55,5 @@ def build_model(name: str, num_classes: int, channels: int = 3, img_size: int | 
         if channels != 3:
             raise UsageError(f"model {name!r} (torchvision) takes 3-channel images, the data has {channels}")
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    raise UsageError(f"unknown model {name!r}: choose one of {', '.join(MODELS)} "
+    raise UsageError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}, "
                      "a torchvision.models classification name (e.g. resnet18, resnet50) or timm:NAME")
