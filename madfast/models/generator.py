@@ -39,13 +39,6 @@ def _first_side(img_size) -> int | None:
     return None
 
 
-def _start_size(img_size: int) -> int:
-    start = _first_side(img_size)
-    if start is None:
-        raise ValueError(f"Generator: img_size {generator_img_size_error(img_size)}")
-    return start
-
-
 def generator_img_size_error(img_size) -> str | None:
     """None if a Generator can make ``img_size``-pixel images, else what the size must be."""
     if _first_side(img_size) is not None:
@@ -74,7 +67,9 @@ class Generator(nn.Module):
                 raise ValueError(f"Generator: {name} must be a positive int, got {value!r}")
         self.nz, self.num_classes, self.img_size, self.channels = nz, num_classes, img_size, channels
         self.conditioning = conditioning
-        self.start = _start_size(img_size)
+        self.start = _first_side(img_size)
+        if self.start is None:
+            raise ValueError(f"Generator: img_size {generator_img_size_error(img_size)}")
         n_blocks = (img_size // self.start).bit_length() - 1
         # "uncond" has no table: an unused parameter would trip DistributedDataParallel.
         self.embed = nn.Embedding(num_classes, nz) if conditioning != "uncond" else None

@@ -1,8 +1,6 @@
 """The fused path of UpsampleConvBlock: upsample×2 → conv3×3 with BatchNorm's batch moments
-(madfast.ops.upsample_conv.upsample_conv_moments: partials in the Triton GEMM's epilogue, Welford on
-the "aten" path — never E[y²]−E[y]²), then normalise + LeakyReLU in one pass (bn_lrelu), keeping
-nn.BatchNorm2d's semantics (batch statistics and running-stat update in train mode, running
-stats in eval)."""
+(upsample_conv_moments), then normalise + LeakyReLU in one pass (bn_lrelu), with nn.BatchNorm2d's
+train/eval semantics, running-statistics update included."""
 
 from __future__ import annotations
 

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from madfast import _backend
-from madfast._backend import BACKENDS
 from madfast.nn.fused_block import upsample_conv_bn_lrelu
 
 __all__ = ["UpsampleConvBlock"]
@@ -16,14 +15,11 @@ class UpsampleConvBlock(nn.Sequential):
     """``nn.Sequential(UpsamplingBilinear2d(2), Conv2d(in, out, 3, 1, 1), BatchNorm2d(out), LeakyReLU)``.
 
     A Sequential with the same children, so its state_dict ("1.weight", "2.running_mean", ...)
-    loads into that Sequential and back. With ``backend="triton"`` (or MADFAST_BACKEND) and no conv
-    bias, the block runs the fused kernels of
-    madfast.ops.upsample_conv (no up-sampled tensor in memory, BN moments without E[y²]−E[y]²,
-    normalise + LeakyReLU in one pass) with the same train/eval semantics. ``"aten"`` runs ATen's
-    own convolution (cuDNN / oneDNN) with everything around it fused: the up-sampled tensor is
-    not kept for backward, Welford batch statistics, normalise + LeakyReLU in one pass; its output
-    is channels_last. "auto" takes a fused path on a GPU only where `madfast check` verified it
-    (madfast._backend.OPS["upsample_block"]), else the torch reference.
+    loads into that Sequential and back. Without a conv bias, ``backend`` "triton" or "aten" (or
+    MADFAST_BACKEND) runs the fused path (madfast.nn.fused_block) with the same train/eval
+    semantics: "triton" never stores the up-sampled tensor, "aten" (ATen's convolution, output
+    channels_last) does not keep it for backward. "auto" takes a fused path on a GPU only where
+    `madfast check` verified it (madfast._backend.OPS["upsample_block"]), else the torch reference.
     """
 
     def __init__(self, in_channels: int, out_channels: int, scale_factor: int = 2, bias: bool = False,
@@ -34,8 +30,8 @@ class UpsampleConvBlock(nn.Sequential):
         if scale_factor != 2:
             raise ValueError(f"UpsampleConvBlock: scale_factor must be 2 (the paper's ×2 bilinear block), "
                              f"got {scale_factor!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"UpsampleConvBlock: backend must be one of {BACKENDS}, got {backend!r}")
+        if backend not in _backend.BACKENDS:
+            raise ValueError(f"UpsampleConvBlock: backend must be one of {_backend.BACKENDS}, got {backend!r}")
         super().__init__(
             nn.UpsamplingBilinear2d(scale_factor=2),
             nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=bias),

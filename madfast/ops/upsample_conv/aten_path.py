@@ -1,14 +1,10 @@
 """Backend "aten": conv3×3(bilinear-upsample×2(x)) fused around ATen's own convolution (cuDNN on
-CUDA, with TF32 for fp32 as torch.backends.cudnn.allow_tf32 says; oneDNN on CPU), the safe floor
-beneath the hand-written kernels.
+CUDA, TF32 for fp32 as torch.backends.cudnn.allow_tf32 says; oneDNN on CPU).
 
-Forward (``madfast::upsample_conv_aten``): the up-sampled tensor is produced in channels_last for
-the convolution and freed at once — not saved for backward, where it is recomputed (eager
-nn.Sequential keeps it, 4× the input); BatchNorm's batch mean and biased variance come from one
-Welford pass over y (no E[y²]−E[y]² cancellation). y is channels_last whatever x's layout.
-Backward (``madfast::upsample_conv_backward_aten``): the mean/variance gradients folded into grad_y
-(with y − mean taken explicitly), ATen's convolution_backward for the data and weight gradients,
-and the gather-form bilinear adjoint (Triton on CUDA, torch elsewhere; no atomics).
+The up-sampled tensor is not saved for backward but recomputed there (eager nn.Sequential keeps it,
+4× the input); the batch mean and biased variance come from one Welford pass over y; y is
+channels_last whatever x's layout. The backward folds the moments' gradients into grad_y, calls
+ATen's convolution_backward and the gather-form bilinear adjoint (no atomics).
 """
 
 from __future__ import annotations
@@ -24,7 +20,7 @@ from madfast.ops.bn_lrelu import bn_lrelu, fold_bn
 from madfast.ops.bn_stats.op import channel_moments
 from madfast.ops.upsample_conv.bilinear_adjoint import torch_bilinear_adjoint
 
-__all__ = ["upsample_conv_aten", "bn_lrelu_aten"]
+__all__ = ["bn_lrelu_aten"]
 
 CL = torch.channels_last
 
@@ -66,8 +62,8 @@ def _fold(grad_y, y, mean, grad_mean, grad_var):
     count = grad_y.numel() // max(grad_y.shape[1], 1)
     c = (1, -1, 1, 1)
     if grad_var is not None:  # y − mean explicitly: no cancellation when |mean| ≫ std
-        g = y.to(acc, memory_format=CL, copy=True).sub_(mean.to(acc).view(c)).mul_((grad_var.to(acc) * (2 / count)).view(c))
-        g.add_(grad_y)
+        g = y.to(acc, memory_format=CL, copy=True).sub_(mean.to(acc).view(c))
+        g.mul_((grad_var.to(acc) * (2 / count)).view(c)).add_(grad_y)
     else:
         g = grad_y.to(acc, memory_format=CL, copy=True)
     if grad_mean is not None:
@@ -132,13 +128,6 @@ def _autograd_backward(ctx, g_y, g_mean, g_var):
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup)
-
-
-def upsample_conv_aten(x: torch.Tensor, weight: torch.Tensor,
-                       stats: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y (N, Cout, 2H, 2W) channels_last, batch mean (Cout,), biased batch variance (Cout,)) — the
-    moments in fp32 (fp64 for fp64), empty when ``stats`` is False. Arguments already validated."""
-    return torch.ops.madfast.upsample_conv_aten(x, weight, stats)
 
 
 # ---- the block's tail on this path: BatchNorm (batch or running statistics) + LeakyReLU ----

@@ -1,19 +1,12 @@
 """madfast.ops.upsample_conv: conv3×3(bilinear-upsample×2(x)) with BatchNorm's per-channel statistics.
 
-Backends: "torch" (reference.py: F.interpolate then F.conv2d), "aten" and "triton".
-"aten" (``madfast::upsample_conv_aten``, aten_path.py): ATen's convolution (cuDNN / oneDNN) on an
-up-sampled tensor that is not kept for backward, Welford batch moments, a gather-form bilinear
-adjoint. "triton" (``madfast::upsample_conv_triton``): the forward is an implicit GEMM whose loader
-interpolates and never writes the up-sampled tensor, with per-tile mean/M2 partials in the epilogue
-(Chan-combined: batch mean and variance), the weight gradient the same GEMM transposed, the input
-gradient a conv-transpose GEMM chained with the bilinear adjoint per tile of input pixels. Both
-give (y, batch mean, biased batch variance); ``upsample_conv(stats=True)`` derives Σy and Σy² from
-those, so its statistics are the same quantity on every backend. Every backward folds the
-gradients of the statistics into grad_y. The correctness oracle is the fp64 formula in the tests.
+Backends: "torch" (reference.py), "aten" (aten_path.py: ATen's convolution, Welford moments, a
+gather-form bilinear adjoint) and "triton" (triton_kernel.py: implicit GEMMs that never write the
+up-sampled tensor, moments from per-tile partials). Both fused backends give (y, batch mean, biased
+batch variance) and fold the statistics' gradients into grad_y in their backward.
 
-"auto": on CPU tensors the torch reference (oneDNN's convolution on the materialised upsample);
-on CUDA tensors "aten", then "triton", each only where `madfast check` verified it on this GPU
-architecture, else the torch reference (madfast._backend.OPS).
+"auto": the torch reference on CPU; on CUDA "aten", then "triton", each only where `madfast check`
+verified it on this GPU architecture (madfast._backend.OPS).
 """
 
 from __future__ import annotations
@@ -23,11 +16,11 @@ import importlib.util
 import torch
 
 from madfast import _backend
-from madfast.ops._checks import check_devices, check_floating, check_same
+from madfast.ops._checks import check_floating, check_same
 from madfast.ops._dtypes import acc_dtype
 from madfast.ops._layout import kernel_memory_format
-from madfast.ops.upsample_conv.aten_path import upsample_conv_aten
 from madfast.ops.bn_stats.reference import torch_channel_moments
+from madfast.ops.upsample_conv import aten_path  # noqa: F401  (registers madfast::upsample_conv_aten)
 from madfast.ops.upsample_conv.reference import torch_upsample_conv
 
 __all__ = ["upsample_conv", "upsample_conv_moments"]
@@ -43,7 +36,7 @@ def _check(x, weight) -> None:
                          f"channels, got {tuple(weight.shape)}")
 
 
-def _check_backward(grad_y, x, weight, y, grad_mean, grad_var) -> None:
+def _check_backward(grad_y, x, weight, y, mean, grad_mean, grad_var) -> None:
     """The backward op's own checks, naming each argument as its schema does."""
     op = "upsample_conv_backward"
     _check(x, weight)
@@ -52,14 +45,15 @@ def _check_backward(grad_y, x, weight, y, grad_mean, grad_var) -> None:
     check_same(op, "grad_y", grad_y, "x", x, shape=False)
     if tuple(grad_y.shape) != out_shape:
         raise ValueError(f"{op}: grad_y must have shape {out_shape}, got {tuple(grad_y.shape)}")
-    for name, t in (("grad_mean", grad_mean), ("grad_var", grad_var)):
+    for name, t in (("mean", mean), ("grad_mean", grad_mean), ("grad_var", grad_var)):
         if t is not None and tuple(t.shape) != (weight.shape[0],):
             raise ValueError(f"{op}: {name} must have shape ({weight.shape[0]},), got {tuple(t.shape)}")
         if t is not None:
             check_same(op, name, t, "x", x, shape=False, dtype=False)
     if grad_var is not None:
-        if y is None:
-            raise ValueError(f"{op}: y (the forward's output) must be given when grad_var is")
+        for name, t in (("y", y), ("mean", mean)):
+            if t is None:
+                raise ValueError(f"{op}: {name} (the forward's output) must be given when grad_var is")
         check_same(op, "y", y, "grad_y", grad_y)
 
 
@@ -71,11 +65,6 @@ def _fake(x, weight, stats):
     width = weight.shape[0] if stats else 0
     acc = acc_dtype(x.dtype)
     return y, x.new_empty(width, dtype=acc), x.new_empty(width, dtype=acc)
-
-
-def _grad_buffers(x, weight, grad_input, grad_weight):
-    return (torch.empty_like(x) if grad_input else x.new_empty(0),
-            torch.empty_like(weight) if grad_weight else weight.new_empty(0))
 
 
 if importlib.util.find_spec("triton") is not None:
@@ -96,9 +85,7 @@ if importlib.util.find_spec("triton") is not None:
                                        y: torch.Tensor | None, mean: torch.Tensor | None,
                                        grad_mean: torch.Tensor | None, grad_var: torch.Tensor | None,
                                        grad_input: bool, grad_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_backward(grad_y, x, weight, y, grad_mean, grad_var)
-        if grad_var is not None and mean is None:
-            raise ValueError("upsample_conv_backward: mean (the forward's output) must be given when grad_var is")
+        _check_backward(grad_y, x, weight, y, mean, grad_mean, grad_var)
         # ∂mean/∂y = 1/M, ∂var/∂y = 2(y − mean)/M: the kernels' fold with g_Σ = g_mean/M, g_Σ² = g_var/M;
         # (Cout,) gradients arrive expanded (stride 0) from a sum: the kernels index them densely
         count = grad_y.numel() // max(grad_y.shape[1], 1)
@@ -106,7 +93,7 @@ if importlib.util.find_spec("triton") is not None:
                                 for t in (grad_mean, grad_var))
         fold = GradFold(y if grad_sumsq is not None else grad_y, grad_sum, grad_sumsq,
                         mean.to(acc_dtype(x.dtype)).contiguous() if grad_sumsq is not None else None)
-        g_x = triton_upsample_conv_grad_input(grad_y, weight, x.shape, x, fold) if grad_input else x.new_empty(0)
+        g_x = triton_upsample_conv_grad_input(grad_y, weight, x, fold) if grad_input else x.new_empty(0)
         g_w = (triton_upsample_conv_grad_weight(x, grad_y, weight.shape, fold).to(weight.dtype) if grad_weight
                else weight.new_empty(0))
         return g_x, g_w
@@ -124,9 +111,9 @@ if importlib.util.find_spec("triton") is not None:
         return (g_x if ctx.needs_input_grad[0] else None), (g_w if ctx.needs_input_grad[1] else None), None
 
     def _fake_backward_triton(grad_y, x, weight, y, mean, grad_mean, grad_var, grad_input, grad_weight):
-        _check_backward(grad_y, x, weight, y, grad_mean, grad_var)
-        check_devices("upsample_conv_backward", "x", x, mean=mean)
-        return _grad_buffers(x, weight, grad_input, grad_weight)
+        _check_backward(grad_y, x, weight, y, mean, grad_mean, grad_var)
+        return (torch.empty_like(x) if grad_input else x.new_empty(0),
+                torch.empty_like(weight) if grad_weight else weight.new_empty(0))
 
     _upsample_conv_triton.register_fake(_fake)
     _upsample_conv_triton.register_autograd(_backward_triton, setup_context=_setup_triton)
@@ -134,8 +121,8 @@ if importlib.util.find_spec("triton") is not None:
 
 
 def _moments_op(backend: str):
-    """The op that returns (y, batch mean, biased batch variance): "aten" or "triton"."""
-    return upsample_conv_aten if backend == "aten" else torch.ops.madfast.upsample_conv_triton
+    """madfast::upsample_conv_aten or _triton: (y, batch mean, biased batch variance)."""
+    return getattr(torch.ops.madfast, f"upsample_conv_{backend}")
 
 
 def upsample_conv(x: torch.Tensor, weight: torch.Tensor, *, stats: bool = False,
@@ -153,33 +140,27 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, *, stats: bool = False,
     """
     _check(x, weight)
     chosen = _backend.choose("upsample_conv", backend, x.device, dtype=x.dtype)
-    if chosen == "torch":
-        y = torch_upsample_conv(x, weight)
-        if not stats:
-            return y, None, None
-        yf = y.to(acc_dtype(y.dtype))
-        return y, yf.sum((0, 2, 3)), yf.square().sum((0, 2, 3))
     # "aten" and "triton" give the batch moments: Σy = M·mean and Σy² = M·(var + mean²) over the
     # M = N·2H·2W values of a channel. With no values there are no moments; the sums, taken of
     # the empty y as the reference takes them, are 0 (and differentiable like the reference's).
     count = x.shape[0] * 4 * x.shape[2] * x.shape[3]
-    y, mean, var = _moments_op(chosen)(x, weight, stats and count > 0)
+    if chosen == "torch":
+        y = torch_upsample_conv(x, weight)
+    else:
+        y, mean, var = _moments_op(chosen)(x, weight, stats and count > 0)
+        if stats and count > 0:
+            return y, mean * count, (var + mean.square()) * count
     if not stats:
         return y, None, None
-    if count == 0:
-        yf = y.to(acc_dtype(y.dtype))
-        return y, yf.sum((0, 2, 3)), yf.square().sum((0, 2, 3))
-    return y, mean * count, (var + mean.square()) * count
+    yf = y.to(acc_dtype(y.dtype))
+    return y, yf.sum((0, 2, 3)), yf.square().sum((0, 2, 3))
 
 
 def upsample_conv_moments(x: torch.Tensor, weight: torch.Tensor, *, stats: bool = True,
                           backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(y, batch mean, biased batch variance) per output channel — what train-mode BatchNorm
-    normalises y with; the moments (fp32, fp64 for fp64) are None when ``stats`` is False.
-
-    No backend takes the variance as E[y²]−E[y]² (which loses it in fp32 when |mean| ≫ std):
-    "aten" and "triton" by Welford / Chan-combined partials of their own, "torch" by ATen's
-    var_mean."""
+    """(y, batch mean, biased batch variance) per output channel, what train-mode BatchNorm
+    normalises y with; the moments (fp32, fp64 for fp64) are None when ``stats`` is False. No
+    backend takes the variance as E[y²]−E[y]², which loses it in fp32 when |mean| ≫ std."""
     _check(x, weight)
     chosen = _backend.choose("upsample_conv", backend, x.device, dtype=x.dtype)
     if chosen == "torch":

@@ -7,7 +7,7 @@ precision, fp32 accumulation; fp64 in fp64).
   it interpolates the tile's 10×10 up-sampled halo once (four loads along the channels per pixel)
   and reads the nine taps from it as shifted views (tl.gather). The epilogue writes each tile's
   per-channel pivot (its first value), mean − pivot and Σ(y − mean)² in the accumulation dtype,
-  merged in fp64 by bn_stats.reference.chan_combine in a fixed order into BatchNorm's batch mean and variance
+  merged in fp64 by bn_stats.reference.chan_combine in a fixed order into the batch mean and variance
   (no E[y²]−E[y]² cancellation, no atomics, no fp64 arithmetic in the kernel below fp64 inputs).
 - Weight gradient: the reduction over pixels split over programs, each owning one tap and a run
   of channels, so the bilinear sources are computed per (pixel, tap); partials summed in order.
@@ -15,9 +15,7 @@ precision, fp32 accumulation; fp64 in fp64).
   its up-sampled region, then the bilinear adjoint as a second GEMM — no atomics.
 
 The inner loops are sized against sm_90's issue rate without a GPU (benchmarks/kernel_sass.py,
-docs/performance.md). Status: correctness-tested under the CPU interpreter (and an earlier form on
-one H100, benchmarks/results/2026-11-26-h100), not yet timed: "auto" takes it only where
-`madfast check` verified it.
+docs/performance.md); "auto" takes these kernels only where `madfast check` verified them.
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ import triton.language as tl
 
 from madfast.ops._dtypes import acc_dtype
 from madfast.ops._layout import kernel_memory_format
-from madfast.ops._triton import interpreted
+from madfast.ops._triton import TL_DTYPES, interpreted
 from madfast.ops.bn_stats.reference import chan_combine
 
 __all__ = ["GradFold", "triton_upsample_conv_fwd", "triton_upsample_conv_grad_weight",
@@ -171,10 +169,6 @@ class GradFold(NamedTuple):
     grad_sumsq: torch.Tensor | None
     mean: torch.Tensor | None = None
 
-    @staticmethod
-    def none(grad_y: torch.Tensor) -> GradFold:
-        return GradFold(grad_y, None, None)
-
     def pointers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         # an unused pointer still needs a tensor; the kernels never read it (FOLD_* False)
         return (self.y, self.y if self.grad_sum is None else self.grad_sum,
@@ -254,9 +248,8 @@ def _upsample_conv_grad_weight_kernel(
 def grad_weight_splits(M: int, tiles: int, block_m: int, programs: int = 1024) -> tuple[int, int]:
     """(splits, pixels per split) of the weight gradient's reduction over M = N·OH·OW pixels, for a
     grid of ``tiles`` (Cout, K) tiles: enough programs to fill a GPU (~``programs``; 132 SMs on an
-    H100), at least 16 BLOCK_M steps each. One accumulator over all M pixels was both slow (36
-    programs looping 25,088 times on 64×64→64 ch 56→112 px) and inexact: 3.7e-3 relative error in
-    TF32 on the first H100 run, 3× eager cuDNN's (7.9e-4)."""
+    H100), at least 16 BLOCK_M steps each. One accumulator over all M pixels is both slow (36
+    programs on 64×64→64 ch 56→112 px) and inexact in TF32 (on an H100: 3× cuDNN's error)."""
     splits = max(1, min(triton.cdiv(programs, tiles), M // (16 * block_m)))
     m_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
     return triton.cdiv(M, m_split), m_split
@@ -298,12 +291,12 @@ def triton_upsample_conv_grad_weight(x: torch.Tensor, grad_y: torch.Tensor, weig
     tiles_n, tiles_k = triton.cdiv(Cout, block_n), 9 * triton.cdiv(Cin, block_k)
     splits, m_split = grad_weight_splits(N * OH * OW, tiles_n * tiles_k, block_m)
     partials = torch.empty((splits, Cout, Cin * 9), dtype=acc, device=x.device)  # every entry written
-    fold = fold or GradFold.none(grad_y)
+    fold = fold or GradFold(grad_y, None, None)
     _upsample_conv_grad_weight_kernel[(tiles_n, tiles_k, splits)](
         x, grad_y, *fold.pointers(), partials, N, Cin, H, W, Cout, OH, OW, (H - 1) / (OH - 1), (W - 1) / (OW - 1),
         m_split, *x.stride(), *grad_y.stride(), *fold.y.stride(), **fold.flags(),
-        LOWP=_tensor_core_dot(x.dtype), FP32_DOT=fp32_dot_precision(x.dtype), ACC=_acc(x.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        **_precision_constexprs(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     gw = partials[0] if splits == 1 else partials.sum(0)
     return gw.reshape(Cout, 3, 3, Cin).permute(0, 3, 1, 2).contiguous()
 
@@ -386,10 +379,9 @@ def grad_input_config(dtype: torch.dtype, max_shared: int, cin: int = 128) -> di
     """Tiles and pipeline depth of the grad-input kernel within ``max_shared`` bytes of shared memory
     per block. Its loop loads and folds a (REGION, BLOCK_K) grad_y tile reused by BLOCK_CI input
     channels, so BLOCK_CI is as wide as the layer allows (128: ~1.5× the tensor-core time issued
-    per step on sm_90, 32: ~5×; benchmarks/kernel_sass.py). Triton multi-buffers every load of
-    the loop: the first H100 run's 3 stages at BLOCK_K=32 asked for 364 KiB in fp32 with the BN
-    fold (OutOfResources); each choice here is compiled for sm_90 and sm_86 in
-    tests/test_triton_resources.py."""
+    per step on sm_90, 32: ~5×; benchmarks/kernel_sass.py). Triton multi-buffers every load of the
+    loop, so the stages must fit too (3 stages at BLOCK_K=32 need 364 KiB in fp32 with the BN fold);
+    each choice is compiled for sm_90 and sm_86 in tests/test_triton_resources.py."""
     if dtype == torch.float64:
         return {"block_ci": 16, "block_k": 16, "num_stages": 1, "num_warps": 4}
     # the (REGION, BLOCK_CI) fp32 accumulator passes through shared memory for the adjoint's GEMM:
@@ -400,28 +392,23 @@ def grad_input_config(dtype: torch.dtype, max_shared: int, cin: int = 128) -> di
 
 
 def max_shared_memory(device: torch.device) -> int:
-    """Shared memory per block (bytes) of ``device``'s GPU; unlimited in the CPU interpreter."""
+    """Shared memory (bytes) a block of ``device``'s GPU may opt in to; unlimited in the CPU interpreter."""
     if device.type != "cuda" or interpreted():
         return 1 << 30
-    return _max_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
-@functools.cache  # a driver query: once per GPU, not per backward
-def _max_shared_memory(index: int) -> int:
-    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
-
-
-def triton_upsample_conv_grad_input(grad_y: torch.Tensor, weight: torch.Tensor, x_shape: torch.Size,
-                                    x_like: torch.Tensor, fold: GradFold | None = None) -> torch.Tensor:
+def triton_upsample_conv_grad_input(grad_y: torch.Tensor, weight: torch.Tensor, x: torch.Tensor,
+                                    fold: GradFold | None = None) -> torch.Tensor:
     """The input gradient of conv3×3(upsample×2(x)) given grad_y (and the BN sums' gradients in
-    ``fold``), in x's dtype and layout."""
-    cfg = grad_input_config(grad_y.dtype, max_shared_memory(grad_y.device), x_shape[1])
+    ``fold``), in x's dtype and layout; x's values are not read."""
+    cfg = grad_input_config(grad_y.dtype, max_shared_memory(grad_y.device), x.shape[1])
     if interpreted():  # the interpreter's cost is per loop step, not per element: fewer, larger steps
         cfg["block_k"] = 64
     block_ci = cfg["block_ci"]
-    N, Cin, H, W = x_shape
+    N, Cin, H, W = x.shape
     Cout = weight.shape[0]
-    gx = torch.empty_like(x_like)
+    gx = torch.empty_like(x)
     if gx.numel() == 0:
         return gx
     if Cout == 0:
@@ -429,34 +416,25 @@ def triton_upsample_conv_grad_input(grad_y: torch.Tensor, weight: torch.Tensor, 
     w = weight.permute(2, 3, 0, 1).reshape(9 * Cout, Cin).contiguous()  # rows (kh, kw, co) as in the loop
     tiles_h, tiles_w = triton.cdiv(H, TILE_H), triton.cdiv(W, TILE_W)
     grid = (N * tiles_h * tiles_w, triton.cdiv(Cin, block_ci))
-    fold = fold or GradFold.none(grad_y)
+    fold = fold or GradFold(grad_y, None, None)
     _upsample_conv_grad_input_kernel[grid](
         grad_y, *fold.pointers(), w, gx, Cin, H, W, Cout, 2 * H, 2 * W, (H - 1) / (2 * H - 1), (W - 1) / (2 * W - 1),
         tiles_h, tiles_w, *grad_y.stride(), *fold.y.stride(), *gx.stride(), **fold.flags(),
-        LOWP=_tensor_core_dot(grad_y.dtype), FP32_DOT=fp32_dot_precision(grad_y.dtype), ACC=_acc(grad_y.dtype),
-        TILE_H=TILE_H, TILE_W=TILE_W, REGION=REGION,
+        **_precision_constexprs(grad_y.dtype), TILE_H=TILE_H, TILE_W=TILE_W, REGION=REGION,
         REGION_W=2 * TILE_W + 4, BLOCK_CI=block_ci, BLOCK_K=cfg["block_k"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     return gx
 
 
-def fp32_dot_precision(dtype: torch.dtype) -> str:
-    """The precision of the fp32 GEMMs for ``dtype`` inputs: for fp32, TF32 tensor cores as cuDNN's
-    convolutions use them unless torch.backends.cudnn.allow_tf32 is off; "ieee" for fp64 (and for
-    bf16 in the interpreter, see _tensor_core_dot) and in the CPU interpreter (numpy has no TF32)."""
+def _precision_constexprs(dtype: torch.dtype) -> dict:
+    """The GEMM kernels' LOWP, FP32_DOT and ACC for ``dtype`` inputs. LOWP: tl.dot in the input
+    precision (tensor cores) for fp16/bf16, except bf16 in the CPU interpreter, whose bf16 tl.dot is
+    wrong in Triton 3.8 (numpy has no bf16). FP32_DOT: TF32 for fp32 as cuDNN's convolutions, unless
+    torch.backends.cudnn.allow_tf32 is off; "ieee" otherwise and in the interpreter (numpy has no
+    TF32). ACC: fp64 for fp64 inputs, fp32 otherwise."""
+    lowp = dtype == torch.float16 or (dtype == torch.bfloat16 and not interpreted())
     tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreted()
-    return "tf32" if tf32 else "ieee"
-
-
-def _acc(dtype: torch.dtype):
-    """The kernels' arithmetic dtype: fp64 for fp64 inputs, fp32 otherwise (madfast.ops._dtypes)."""
-    return tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32
-
-
-def _tensor_core_dot(dtype: torch.dtype) -> bool:
-    """Dot in the input precision for fp16/bf16. Triton 3.8's CPU interpreter computes bf16 tl.dot
-    wrongly (numpy has no bf16), so there bf16 operands take the fp32 dot; GPUs use tensor cores."""
-    return dtype == torch.float16 or (dtype == torch.bfloat16 and not interpreted())
+    return {"LOWP": lowp, "FP32_DOT": "tf32" if tf32 else "ieee", "ACC": TL_DTYPES[acc_dtype(dtype)]}
 
 
 TH, TW = 8, 8  # output pixels per forward program (one image); their up-sampled halo is 10×10 ≤ HALO
@@ -518,8 +496,8 @@ def triton_upsample_conv_fwd(x: torch.Tensor, weight: torch.Tensor, stats: bool 
     w = weight.permute(2, 3, 1, 0).reshape(9 * Cin, Cout).contiguous()  # rows (kh, kw, ci) as in the loop
     _launch_tuned(_forward_tuner(_precision(x.dtype)), lambda meta: (tiles, triton.cdiv(Cout, meta["BLOCK_N"])),
                   x, w, y, part, Cin, H, W, Cout, OH, OW, (H - 1) / (OH - 1), (W - 1) / (OW - 1),
-                  tiles_h, tiles_w, *x.stride(), *y.stride(), STATS=stats, LOWP=_tensor_core_dot(x.dtype),
-                  FP32_DOT=fp32_dot_precision(x.dtype), ACC=_acc(x.dtype), TH=TH, TW=TW, HALO=HALO)
+                  tiles_h, tiles_w, *x.stride(), *y.stride(), STATS=stats, **_precision_constexprs(x.dtype),
+                  TH=TH, TW=TW, HALO=HALO)
     if not stats:
         return y, y.new_empty(0, dtype=acc), y.new_empty(0, dtype=acc)
     rows = (OH - torch.arange(tiles_h, device=x.device) * TH).clamp_max(TH)  # pixels per tile (edges: fewer)
