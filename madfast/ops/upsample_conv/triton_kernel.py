@@ -395,7 +395,8 @@ def max_shared_memory(device: torch.device) -> int:
     """Shared memory (bytes) a block of ``device``'s GPU may opt in to; unlimited in the CPU interpreter."""
     if device.type != "cuda" or interpreted():
         return 1 << 30
-    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    props = torch.cuda.get_device_properties(device)  # the optin value is what Triton's driver reports
+    return getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)  # absent on ROCm
 
 
 def triton_upsample_conv_grad_input(grad_y: torch.Tensor, weight: torch.Tensor, x: torch.Tensor,
