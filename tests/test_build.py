@@ -96,6 +96,24 @@ def test_env_backend_is_a_preference_an_argument_a_demand(monkeypatch):
         _backend.choose("kl_div_fwd", "aten", cpu)
 
 
+def test_an_extension_error_without_a_message_is_named():
+    code = textwrap.dedent("""
+        import importlib.abc, sys, warnings
+
+        class Failing(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "madfast._C":
+                    raise ImportError()  # no message, as some loaders raise
+
+        sys.meta_path.insert(0, Failing())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import madfast
+        assert any("could not be loaded (ImportError)" in str(w.message) for w in caught), caught
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+
+
 def test_import_without_extension_warns_and_falls_back():
     code = textwrap.dedent("""
         import sys, warnings
