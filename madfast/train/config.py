@@ -37,8 +37,8 @@ class DistillConfig:
     teacher: str = _f("cifar_resnet34", "teacher architecture (madfast or torchvision.models name, or timm:NAME)")
     teacher_ckpt: typing.Optional[str] = _f(None, "teacher weights: a `madfast train-teacher` file, a state dict (plain, "
                                             "{state_dict|model: ...}, module.-prefixed), a CMI/Fast-Datafree CIFAR "
-                                            "ResNet/WRN checkpoint (torch or safetensors files), torchvision:WEIGHTS (a cached "
-                                            "torchvision file), or hub (a timm:NAME teacher's cached file)")
+                                            "ResNet/WRN checkpoint (torch or safetensors files), torchvision:WEIGHTS "
+                                            "(a cached torchvision file), or hub (a timm:NAME teacher's cached file)")
     check_teacher: bool = _f(True, "evaluate the loaded teacher on the test split before distilling (unless its "
                              "madfast file records it); --no-check-teacher: no teacher accuracy, no ratio")
     student: str = _f("cifar_resnet18", "student architecture (madfast or torchvision.models name, or timm:NAME)")
@@ -95,7 +95,8 @@ class DistillConfig:
                              "(one tensor at a time)")
     compile: bool = _f(False, "torch.compile teacher, student and generator")
     compile_mode: str = _f("default", "torch.compile mode: default | reduce-overhead (CUDA graphs of the forwards "
-                           "and backwards, on CUDA tensors) | max-autotune (also CUDA graphs) | max-autotune-no-cudagraphs")
+                           "and backwards, on CUDA tensors) | max-autotune (also CUDA graphs) | "
+                           "max-autotune-no-cudagraphs")
     sync_bn: bool = _f(True, "under torchrun: the teacher's BN prior on moments all-reduced over ranks, and "
                        "SyncBatchNorm in G (CUDA only; torch has no CPU SyncBatchNorm) [ours]")
     concat_forward: bool = _f(True, "one teacher/student forward for G and G̃ samples together (student BN sees both) [ours]")
