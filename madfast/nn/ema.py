@@ -17,11 +17,6 @@ from madfast.ops.ema.op import check_decay, compiled_ema_update_, ema_update_
 __all__ = ["FusedEMA", "ema_multi_avg_fn"]
 
 
-def _check_unit_interval(name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-
-
 def _match(what: str, ema_named, model_named) -> tuple[list, list, list]:
     """(names, EMA tensors, model tensors), paired by position; ValueError/TypeError naming the
     tensor when the two do not pair up. A name may differ by a wrapper's prefix (DDP's ``module.``,
@@ -60,11 +55,6 @@ def _run_op(ema, cur, decay, seed, step, *, backend: str) -> None:
     ema_update_(ema, cur, decay, backend=backend, stochastic_rounding_seed=seed, stochastic_rounding_step=step)
 
 
-def _run_moved(ema, cur, decay, seed, step, *, backend: str) -> None:
-    """For an EMA kept on another device than the model: the model's tensors are copied over first."""
-    _run_op(ema, [c.to(e.device) for e, c in zip(ema, cur)], decay, seed, step, backend=backend)
-
-
 def _kernel(backend: str, device: torch.device) -> Callable:
     """``kernel(ema, cur, decay, seed, step)`` for lists on ``device``: the chosen backend and, on
     CUDA, its own pointer table, which the C++ op rewrites only when a row (a tensor's storage,
@@ -80,8 +70,9 @@ def _kernel(backend: str, device: torch.device) -> Callable:
 
 def _parts(ema: list[torch.Tensor], cur: list[torch.Tensor], backend: str) -> list[tuple]:
     """(kernel, ema, cur) per device of the EMA: the fused kernels take one device per call."""
-    if any(e.device != c.device for e, c in zip(ema, cur)):
-        return [(partial(_run_moved, backend=backend), ema, cur)]
+    if any(e.device != c.device for e, c in zip(ema, cur)):  # the model's tensors are copied over first
+        return [(lambda ema, cur, *args: _run_op(ema, [c.to(e.device) for e, c in zip(ema, cur)], *args,
+                                                 backend=backend), ema, cur)]
     if any(e.is_complex() for e in ema):  # through the op's Python entry, which takes real views per call
         complex_ = [i for i, e in enumerate(ema) if e.is_complex()]
         real = [i for i, e in enumerate(ema) if not e.is_complex()]
@@ -156,8 +147,9 @@ class FusedEMA(nn.Module):
                  stochastic_rounding_seed: int = 0, foreach: bool = True, exclude_buffers: bool = False,
                  *, backend: str = "auto"):
         super().__init__()
-        _check_unit_interval("decay", decay)
-        _check_unit_interval("min_decay", min_decay)
+        for name, value in (("decay", decay), ("min_decay", min_decay)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
         if warmup_gamma <= 0:
             raise ValueError(f"warmup_gamma must be > 0, got {warmup_gamma}")
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
@@ -208,7 +200,7 @@ class FusedEMA(nn.Module):
         if torch.compiler.is_compiling():  # the traced graph holds no Python work to save
             # (the step counter is not traced: it would recompile every step; the bits repeat)
             ema, cur = _pairs(self.module, model)[kind]
-            cur = [c.detach().to(self.device) if self.device is not None else c.detach() for c in cur]
+            cur = [c.detach().to(self.device) for c in cur]
             ema_update_(ema, cur, decay, backend=self.backend, stochastic_rounding_seed=seed)
             return
         plan = self._plan
