@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from functools import reduce
 
 import torch
 from torch import nn
@@ -50,7 +51,8 @@ def torchvision_weights_path(spec: str, name: str) -> str:
     try:
         enum = torchvision.models.get_model_weights(name)
     except (ValueError, KeyError):
-        raise CheckpointError(f"--teacher-ckpt {spec!r}: {name!r} is not a torchvision model with published weights") from None
+        raise CheckpointError(f"--teacher-ckpt {spec!r}: {name!r} is not a torchvision model with published "
+                              "weights") from None
     try:
         weights = enum[tag] if tag != "DEFAULT" else enum.DEFAULT
     except KeyError:
@@ -63,16 +65,12 @@ def torchvision_weights_path(spec: str, name: str) -> str:
     return path
 
 
-def _is_safetensors(path: str) -> bool:
-    """safetensors files open with an 8-byte header length and a JSON header; torch's with a zip or pickle magic."""
-    with open(path, "rb") as f:
-        return f.read(9)[8:] == b"{"
-
-
 def _read(path: str):
     if not os.path.isfile(path):
         raise CheckpointError(f"--teacher-ckpt {path!r} does not exist")
-    if _is_safetensors(path):
+    with open(path, "rb") as f:  # safetensors: an 8-byte header length, then a JSON header; torch: a zip/pickle magic
+        safetensors = f.read(9)[8:] == b"{"
+    if safetensors:
         st = require("safetensors.torch", f"the safetensors file {path!r}", extra="timm")
         try:
             return st.load_file(path, device="cpu")
@@ -91,7 +89,8 @@ def _read(path: str):
 
 
 def _is_state_dict(obj) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+    return (isinstance(obj, dict) and bool(obj)
+            and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()))
 
 
 def extract_state_dict(obj) -> dict[str, torch.Tensor]:
@@ -116,36 +115,23 @@ def extract_state_dict(obj) -> dict[str, torch.Tensor]:
     return state
 
 
-def _remap(state: dict, rules: list[tuple[str, str]]) -> dict:
-    out = {}
-    for k, v in state.items():
-        for pattern, repl in rules:
-            k = re.sub(pattern, repl, k)
-        out[k] = v
-    return out
-
-
 def _fit(state: dict, model: nn.Module, name: str, num_classes: int) -> dict:
-    """``state`` as is, or under the first key map whose keys are exactly the model's."""
+    """``state`` as is, or under the first key map whose keys are exactly the model's; of the model's shapes."""
     want = model.state_dict()
-    if set(state) == set(want):
-        return state
-    for rules in CMI_KEY_MAPS.values():
-        mapped = _remap(state, rules)
-        if set(mapped) == set(want):
-            return mapped
-    missing = [k for k in want if k not in state]
-    extra = [k for k in state if k not in want]
-    what = f"lacks {missing[0]!r}" if missing else f"has the unexpected key {extra[0]!r}"
-    raise CheckpointError(f"does not fit {name!r} with {num_classes} classes: it {what} "
-                          f"({len(missing)} missing, {len(extra)} unexpected keys)")
-
-
-def _check_shapes(state: dict, model: nn.Module, name: str, num_classes: int) -> None:
-    for k, t in model.state_dict().items():
-        if state[k].shape != t.shape:
+    mapped = (state, *({reduce(lambda k, rule: re.sub(*rule, k), rules, k): v for k, v in state.items()}
+                       for rules in CMI_KEY_MAPS.values()))
+    fitted = next((m for m in mapped if set(m) == set(want)), None)
+    if fitted is None:
+        missing = [k for k in want if k not in state]
+        extra = [k for k in state if k not in want]
+        what = f"lacks {missing[0]!r}" if missing else f"has the unexpected key {extra[0]!r}"
+        raise CheckpointError(f"does not fit {name!r} with {num_classes} classes: it {what} "
+                              f"({len(missing)} missing, {len(extra)} unexpected keys)")
+    for k, t in want.items():
+        if fitted[k].shape != t.shape:
             raise CheckpointError(f"does not fit {name!r} with {num_classes} classes: {k!r} has shape "
-                                  f"{tuple(state[k].shape)}, the model wants {tuple(t.shape)}")
+                                  f"{tuple(fitted[k].shape)}, the model wants {tuple(t.shape)}")
+    return fitted
 
 
 def load_teacher_weights(path: str | None, model: nn.Module, name: str, num_classes: int, channels: int) -> dict:
@@ -174,7 +160,6 @@ def load_teacher_weights(path: str | None, model: nn.Module, name: str, num_clas
         meta = {"format": "state_dict", "test_acc": None, "dataset": None, "img_size": None}
     try:
         state = _fit(extract_state_dict(obj), model, name, num_classes)
-        _check_shapes(state, model, name, num_classes)
     except CheckpointError as e:
         raise CheckpointError(f"--teacher-ckpt {path!r} {e}") from None
     model.load_state_dict(state)
