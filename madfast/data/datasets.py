@@ -38,6 +38,9 @@ DATASETS = {
     "imagefolder": DatasetInfo("imagefolder", 0, 3, 224, *_IMAGENET_STATS),
 }
 _FOLDER_SPLITS = {"train": "train", "test": "val"}
+# ImageFolder layouts: their image size and normalisation are conventions, not facts of the data, so
+# a timm teacher's pretrained config replaces them (CIFAR and digits fix theirs).
+_FOLDER_DATASETS = ("tinyimagenet", "imagenet", "places365", "imagefolder")
 
 
 class Normalize(torch.nn.Module):
@@ -59,7 +62,7 @@ def dataset_info(name: str, data_dir: str | None = None, img_size: int | None = 
     info = DATASETS[name]
     if name == "digits" and img_size is not None:
         info = replace(info, img_size=img_size)
-    if name in ("tinyimagenet", "imagenet", "places365", "imagefolder"):
+    if name in _FOLDER_DATASETS:
         classes = _folder_classes(name, data_dir, "test")
         info = replace(info, num_classes=len(classes), img_size=img_size or info.img_size)
     return info

@@ -11,14 +11,12 @@ import torch
 from torch import nn
 
 from madfast._extras import require
+from madfast.data.datasets import _FOLDER_DATASETS
 from madfast.errors import CheckpointError, UsageError
 
 __all__ = ["PREFIX", "is_timm", "build_timm_model", "timm_data_info", "timm_hub_weights_path"]
 
 PREFIX = "timm:"
-# Data sets whose image size and normalisation are conventions, not facts of the data: a timm
-# teacher's own pretrained config replaces them (CIFAR and digits fix theirs).
-_FOLDER_DATASETS = ("tinyimagenet", "imagenet", "places365", "imagefolder")
 
 
 def is_timm(name: str) -> bool:
@@ -34,21 +32,16 @@ def _timm(name: str):
     return timm, arch
 
 
-def _takes_img_size(timm, arch: str) -> bool:
-    """Whether the model's class has an ``img_size`` argument (ViTs size their position table by it);
-    read from an instance on the meta device, which allocates nothing."""
-    with torch.device("meta"):
-        model = timm.create_model(arch, pretrained=False)
-    return "img_size" in inspect.signature(type(model).__init__).parameters
-
-
 def build_timm_model(name: str, num_classes: int, channels: int, img_size: int | None = None) -> nn.Module:
     """``timm.create_model`` without pretrained weights, with the data's classes and channels and,
     for models with a fixed input size, its image side."""
     timm, arch = _timm(name)
     kwargs = {"num_classes": num_classes, "in_chans": channels}
-    if img_size and _takes_img_size(timm, arch):
-        kwargs["img_size"] = img_size
+    if img_size:
+        with torch.device("meta"):  # an instance that allocates nothing, to read its class's arguments
+            cls = type(timm.create_model(arch, pretrained=False))
+        if "img_size" in inspect.signature(cls.__init__).parameters:  # ViTs size their position table by it
+            kwargs["img_size"] = img_size
     return timm.create_model(arch, pretrained=False, **kwargs)
 
 
