@@ -170,10 +170,8 @@ class FusedEMA(nn.Module):
         self.stochastic_rounding_seed = stochastic_rounding_seed
         self.exclude_buffers = exclude_buffers
         self.backend = backend
-        if self.device is not None:
-            self.module.to(device=self.device)
-        if self.dtype is not None:
-            self.module.to(dtype=self.dtype)
+        if device is not None or dtype is not None:
+            self.module.to(device=self.device, dtype=dtype)
         self._updates = [0]  # stochastic rounding's step counter; a list: no nn.Module.__setattr__ per update
         self._plan: _Plan | None = None
 
