@@ -94,20 +94,6 @@ def folder_index(dataset: Dataset):
     return (list(dataset.classes), list(samples)) if samples is not None else None
 
 
-def _listed_image_folder(root: str, index, transform):
-    """An ImageFolder over a known (classes, samples) list: no directory scan."""
-    datasets = require("torchvision.datasets", "ImageFolder data sets")
-
-    class ListedImageFolder(datasets.ImageFolder):
-        def find_classes(self, directory):
-            return index[0], {c: i for i, c in enumerate(index[0])}
-
-        def make_dataset(self, *args, **kwargs):
-            return list(index[1])
-
-    return ListedImageFolder(root, transform=transform)
-
-
 def build_dataset(name: str, split: str, data_dir: str | None = None, img_size: int | None = None,
                   augment: bool = False, index=None) -> Dataset:
     """Images in [0, 1] (normalisation is part of the model input pipeline, see ``Normalize``).
@@ -141,8 +127,15 @@ def build_dataset(name: str, split: str, data_dir: str | None = None, img_size: 
     else:
         tf = [T.Resize(size * 8 // 7 if size >= 224 else size), T.CenterCrop(size)]
     root, transform = os.path.join(data_dir, _FOLDER_SPLITS[split]), T.Compose([*tf, T.ToTensor()])
-    if index is not None:
-        return _listed_image_folder(root, index, transform)
+    if index is not None:  # an ImageFolder over the known (classes, samples): no directory scan
+        class ListedImageFolder(datasets.ImageFolder):
+            def find_classes(self, directory):
+                return index[0], {c: i for i, c in enumerate(index[0])}
+
+            def make_dataset(self, *args, **kwargs):
+                return list(index[1])
+
+        return ListedImageFolder(root, transform=transform)
     try:
         return datasets.ImageFolder(root, transform=transform)
     except (FileNotFoundError, RuntimeError) as e:
