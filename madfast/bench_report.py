@@ -10,20 +10,16 @@ from madfast._extras import require
 __all__ = ["write_report"]
 
 
-def _rows(data: dict) -> list[dict]:
+def write_report(json_path: str, md_path: str, png_path: str) -> None:
+    with open(json_path) as f:
+        data = json.load(f)
     rows = []
     for b in data["benchmarks"]:
         info = b.get("extra_info", {})
         rows.append({"group": b.get("group") or b["name"], "provider": info.get("provider", b["name"]),
                      "baseline": info.get("baseline", ""), "mean_ms": b["stats"]["mean"] * 1e3,
                      "speedup": info.get("speedup_vs_baseline")})
-    return sorted(rows, key=lambda r: (r["group"], r["mean_ms"]))
-
-
-def write_report(json_path: str, md_path: str, png_path: str) -> None:
-    with open(json_path) as f:
-        data = json.load(f)
-    rows = _rows(data)
+    rows.sort(key=lambda r: (r["group"], r["mean_ms"]))
     machine = data.get("machine_info", {})
     lines = [f"Machine: {machine.get('gpu') or machine.get('cpu', {}).get('brand_raw', 'cpu')}, "
              f"torch {machine.get('torch')}, {machine.get('cpu_threads')} CPU threads", "",
@@ -34,11 +30,9 @@ def write_report(json_path: str, md_path: str, png_path: str) -> None:
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
-    require("matplotlib", "the benchmark chart").use("Agg")
-    plt = require("matplotlib.pyplot", "the benchmark chart")
-
     shown = [r for r in rows if r["speedup"] is not None]
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(shown) + 2), 4))
+    fig = require("matplotlib.figure", "the benchmark chart").Figure(figsize=(max(6, 0.5 * len(shown) + 2), 4))
+    ax = fig.subplots()
     ax.bar(range(len(shown)), [r["speedup"] for r in shown])
     ax.set_xticks(range(len(shown)), [f"{r['group']}\n{r['provider']}" for r in shown], rotation=60, ha="right",
                   fontsize=7)
@@ -46,4 +40,3 @@ def write_report(json_path: str, md_path: str, png_path: str) -> None:
     ax.set_ylabel("speed-up vs eager")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
-    plt.close(fig)

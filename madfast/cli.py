@@ -123,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where bench-<time>.{json,md,png} (step: step-<time>.*) go")
     p.add_argument("--bench-dir", metavar="DIR", help="suites: the benchmarks folder (default: the repository's)")
     p.add_argument("-k", dest="select", help="suites: pytest -k expression selecting benchmarks")
-    p.add_argument("--case", default="r34_r18_32px_b256", help="step: r34_r18_32px_b256 (the CIFAR preset's networks) | "
-                   "r50_r18_224px_b64 | demo_cnn_16px_b64")
+    p.add_argument("--case", default="r34_r18_32px_b256", help="step: r34_r18_32px_b256 (the CIFAR preset's "
+                   "networks) | r50_r18_224px_b64 | demo_cnn_16px_b64")
     p.add_argument("--providers", default="eager,default", help="step: comma-separated among eager, default, "
                    "default_compile, default_cudagraphs (reduce-overhead) and the variants default_bf16, "
                    "default_contiguous, default_foreach, eager_fused_optim")
@@ -141,13 +141,21 @@ def _with_file(args) -> dict:
 
 
 def _cmd_demo(args) -> int:
-    from madfast.train.demo import PASS_RATIO, run_demo
+    from madfast.train.demo import PASS_RATIO, format_ablation, run_ablation, run_demo
 
     out = args.out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
     if args.steps is not None and args.steps < 1:
         raise UsageError("--steps must be ≥ 1")
     if args.ablation:
-        return _demo_ablation(args, out)
+        try:
+            seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+        except ValueError:
+            raise UsageError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise UsageError(f"--seeds must name distinct seeds, got {args.seeds!r}")
+        print(format_ablation(run_ablation(out, seeds, steps=args.steps, progress=args.progress, shift=args.shift)))
+        print(f"→ {out}/ablation.json")
+        return 0
     if args.shift != "demo":
         raise UsageError("--shift applies to --ablation runs only")
     overrides = {"steps": args.steps} if args.steps else {}
@@ -158,21 +166,6 @@ def _cmd_demo(args) -> int:
         print(f"madfast demo: failed: the student reached {m['ratio']:.3f} of the teacher's accuracy, "
               f"below {PASS_RATIO:.2f}", file=sys.stderr)
         return 1
-    return 0
-
-
-def _demo_ablation(args, out: str) -> int:
-    from madfast.train.demo import format_ablation, run_ablation
-
-    try:
-        seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise UsageError(f"--seeds must name distinct seeds, got {args.seeds!r}")
-    result = run_ablation(out, seeds, steps=args.steps, progress=args.progress, shift=args.shift)
-    print(format_ablation(result))
-    print(f"→ {out}/ablation.json")
     return 0
 
 
@@ -258,7 +251,8 @@ def _cmd_eval(args) -> int:
         try:
             model.load_state_dict(weights)
         except RuntimeError as e:
-            raise CheckpointError(f"{args.ckpt!r} does not fit {name!r} on {dataset}: {str(e).splitlines()[0]}") from None
+            raise CheckpointError(f"{args.ckpt!r} does not fit {name!r} on {dataset}: "
+                                  f"{str(e).splitlines()[0]}") from None
     device = setup(args.device).device
     r = evaluate(model.to(device), eval_loader(test, args.batch_size, 0 if dataset == "digits" else args.num_workers),
                  Normalize(info.mean, info.std), device)
@@ -279,10 +273,23 @@ def _cmd_check(args) -> int:
 
 def _cmd_bench(args) -> int:
     if args.what == "step":
-        return _bench_step(args)
+        from madfast.train.step_bench import bench_step, write_step_report
+
+        try:
+            result = bench_step(args.case, tuple(p for p in args.providers.split(",") if p), args.device, args.rounds,
+                                args.divisor)
+        except ValueError as e:
+            raise UsageError(str(e).replace("bench_step: ", "--")) from None
+        stem = os.path.join(os.path.abspath(args.out), time.strftime("step-%Y%m%d-%H%M%S"))
+        paths = write_step_report(result, stem)
+        with open(paths[1]) as f:
+            print(f.read())
+        print("→ " + ", ".join(paths))
+        return 0
     from madfast.bench_report import write_report
 
-    bench_dir = args.bench_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bench_dir = args.bench_dir or os.path.join(repo, "benchmarks")
     if not os.path.isdir(bench_dir):
         raise UsageError(f"--bench-dir {bench_dir!r} does not exist (run from a madfast checkout or pass it)")
     os.makedirs(args.out, exist_ok=True)
@@ -297,21 +304,6 @@ def _cmd_bench(args) -> int:
         return rc or 1
     write_report(f"{stem}.json", f"{stem}.md", f"{stem}.png")
     print(f"→ {stem}.md, {stem}.png, {stem}.json")
-    return 0
-
-
-def _bench_step(args) -> int:
-    from madfast.train.step_bench import bench_step, write_step_report
-
-    try:
-        result = bench_step(args.case, tuple(p for p in args.providers.split(",") if p), args.device, args.rounds,
-                            args.divisor)
-    except ValueError as e:
-        raise UsageError(str(e).replace("bench_step: ", "--")) from None
-    paths = write_step_report(result, os.path.join(os.path.abspath(args.out), time.strftime("step-%Y%m%d-%H%M%S")))
-    with open(paths[1]) as f:
-        print(f.read())
-    print("→ " + ", ".join(paths))
     return 0
 
 

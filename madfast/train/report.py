@@ -43,10 +43,9 @@ def save_sample_grid(task: MADTask, path: str, per_class: int = 4, seed: int = 0
 
 def save_curves(metrics_csv: str, path: str) -> None:
     """Generator and student losses (left) and student test accuracy (right) against step."""
-    require("matplotlib", "curves.png").use("Agg")  # files only, no display
-    plt = require("matplotlib.pyplot", "curves.png")
+    fig = require("matplotlib.figure", "curves.png").Figure(figsize=(10, 3.6))
+    left, right = fig.subplots(1, 2)
     rows = read_metrics(metrics_csv)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     for name in ("g_loss", "g_bn", "g_ce", "s_kl_g", "s_kl_ema"):
         pts = [(int(r["step"]), float(r[name])) for r in rows if r.get(name)]
         if pts:
@@ -61,4 +60,3 @@ def save_curves(metrics_csv: str, path: str) -> None:
     right.set_ylabel("student test accuracy (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -22,7 +22,6 @@ import statistics
 import time
 
 import torch
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from madfast.check.environment import environment
@@ -163,21 +162,17 @@ def _op_kind(name: str) -> str:
     return "other"
 
 
-def _networks(task) -> dict[str, nn.Module]:
-    nets = {"teacher": task.teacher, "student": task.student_raw, "generator": task.g_raw}
-    if task.ema is not None:
-        nets["ema_generator"] = task.ema.module
-    return nets
-
-
 def _profile(task, device: torch.device, iterations: int) -> dict:
     """Self time (ms per iteration) by op kind, and by network × forward/backward."""
     from torch.autograd.profiler import record_function
     from torch.profiler import ProfilerActivity, profile
 
+    networks = {"teacher": task.teacher, "student": task.student_raw, "generator": task.g_raw}
+    if task.ema is not None:
+        networks["ema_generator"] = task.ema.module
     ranges: dict[int, record_function] = {}
     handles = []
-    for name, net in _networks(task).items():
+    for name, net in networks.items():
         def enter(module, args, _name=name):
             ranges[id(module)] = r = record_function(f"forward/{_name}")
             r.__enter__()
@@ -185,7 +180,8 @@ def _profile(task, device: torch.device, iterations: int) -> dict:
         def leave(module, args, out):
             ranges.pop(id(module)).__exit__(None, None, None)
         handles += [net.register_forward_pre_hook(enter), net.register_forward_hook(leave)]
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     try:
         task.iteration(1)  # the hooks make torch.compile recompile: not inside the profile
         synchronize(device)
@@ -197,11 +193,6 @@ def _profile(task, device: torch.device, iterations: int) -> dict:
         for h in handles:
             h.remove()
     events = prof.events()
-    cuda = device.type == "cuda"
-
-    def self_us(e) -> float:
-        return e.self_device_time_total if cuda else e.self_cpu_time_total
-
     # every op under a forward/<net> range owns its autograd sequence number
     owner: dict[int, str] = {}
     net_of: dict[int, str] = {}
@@ -212,33 +203,30 @@ def _profile(task, device: torch.device, iterations: int) -> dict:
             net_of[id(e)] = net
             if e.sequence_nr >= 0:
                 owner.setdefault(e.sequence_nr, net)
-    by_kind: dict[str, float] = collections.Counter()
-    by_net: dict[str, float] = collections.Counter()
+    by_kind, by_net = collections.Counter(), collections.Counter()
     for e in events:
         if e.name.startswith(("forward/", "ProfilerStep")):
             continue
-        us = self_us(e)
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
         if not us:
             continue
         kind_from = next((p.name for p in _ancestors(e) if p.name.startswith("Optimizer.")), e.name)
         by_kind[_op_kind(kind_from)] += us
         backward = next((p for p in _ancestors(e) if p.name.startswith("autograd::engine::evaluate_function")), None)
         if backward is not None:
-            net = owner.get(backward.sequence_nr, "other")
-            by_net[f"{net} backward"] += us
+            by_net[f"{owner.get(backward.sequence_nr, 'other')} backward"] += us
         else:
             by_net[f"{net_of[id(e)]} forward" if id(e) in net_of else "outside the networks"] += us
     scale = 1e-3 / iterations  # µs over all iterations → ms per iteration
-    return {"ms_by_op_kind": {k: v * scale for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-            "ms_by_network": {k: v * scale for k, v in sorted(by_net.items(), key=lambda kv: -kv[1])},
+    return {"ms_by_op_kind": {k: v * scale for k, v in by_kind.most_common()},
+            "ms_by_network": {k: v * scale for k, v in by_net.most_common()},
             "profiled": "device (CUDA) self time" if cuda else "CPU self time"}
 
 
 def _ancestors(e):
-    p = e
-    while p is not None:
-        yield p
-        p = p.cpu_parent
+    while e is not None:
+        yield e
+        e = e.cpu_parent
 
 
 def _count(task, step: int) -> dict:
@@ -340,9 +328,8 @@ def write_step_report(result: dict, stem: str) -> list[str]:
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 
-    require("matplotlib", "the benchmark chart").use("Agg")
-    plt = require("matplotlib.pyplot", "the benchmark chart")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = require("matplotlib.figure", "the benchmark chart").Figure(figsize=(6, 4))
+    ax = fig.subplots()
     bottom = [0.0] * len(provs)
     for phase in ("generator_step", "ema_step", "student_step"):
         ms = [r["phase_ms"].get(phase, 0.0) for r in provs.values()]
@@ -355,5 +342,4 @@ def write_step_report(result: dict, stem: str) -> list[str]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(stem + ".png", dpi=100)
-    plt.close(fig)
     return [stem + ext for ext in (".json", ".md", ".png")]
