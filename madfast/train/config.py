@@ -18,6 +18,7 @@ import torch
 
 from madfast._extras import require
 from madfast.errors import UsageError
+from madfast.train.presets import preset_sources
 
 __all__ = ["DistillConfig", "TeacherConfig", "config_from_dict", "load_config_file", "add_config_args",
            "config_from_args", "format_config", "autocast_dtype", "CHOICES", "CUDAGRAPH_MODES"]
@@ -232,8 +233,7 @@ def _coerce(cls, name: str, value):
 
 def config_from_dict(cls, values: dict):
     """A validated ``cls`` from a dict (a checkpoint's or a file's); unknown keys are an error."""
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
     if unknown:
         raise UsageError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
     return cls(**{k: _coerce(cls, k, v) for k, v in values.items()}).validate()
@@ -281,9 +281,6 @@ def format_config(cfg, preset: str | None = None, file: dict | None = None, args
     """The resolved config as YAML (loadable with --config), each line commented with where its value
     came from: flag, file, preset NAME [paper|reported|practice|ours], or default."""
     yaml = require("yaml", "--print-config")
-
-    from madfast.train.presets import preset_sources
-
     sources = preset_sources(preset) if preset else {}
     if hasattr(cfg, "for_device"):  # the device choices as this machine would resolve them
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)

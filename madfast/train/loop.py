@@ -65,10 +65,6 @@ def _launch(run, cfg, *args) -> dict:
         teardown(ctx)
 
 
-def _reseed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 7_919 + rank + 1) % (2**63)
-
-
 def shared_test_set(name: str, data_dir: str | None, img_size: int, ctx: DistContext):
     """The test split; under torchrun rank 0 alone scans an ImageFolder's folder and hands its file
     list to the other ranks (a data error on rank 0 is raised on every rank)."""
@@ -149,7 +145,7 @@ def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_afte
         else:
             # Another world size: the global batch is kept, each rank's noise stream is re-seeded
             # from (seed, step, rank) — a valid continuation, not bit-exact with either run.
-            task.noise.manual_seed(_reseed(cfg.seed, start, ctx.rank))
+            task.noise.manual_seed((cfg.seed * 1_000_003 + start * 7_919 + ctx.rank + 1) % (2**63))
             ckpt.set_rng_state(state["rng"][ctx.rank % saved_world])
             if ctx.is_main:
                 warnings.warn(f"--resume {resume!r}: written by {saved_world} ranks, continued on {ctx.world_size}; "
@@ -180,19 +176,16 @@ def _distill(cfg: DistillConfig, ctx: DistContext, resume: str | None, stop_afte
     per_iter = cfg.batch_size * (cfg.g_steps + cfg.s_steps * (2 if cfg.ema else 1))
     images = 0
 
-    def checkpoint(step: int) -> str | None:
+    def checkpoint(step: int) -> None:
         assert_identical(task.ema.module if task.ema is not None else task.g_raw, ctx, "the EMA generator")
         noise, rng = gather(task.noise.get_state(), ctx), gather(ckpt.rng_state(), ctx)
-        if not main:
-            return None
-        return ckpt.save_checkpoint({"format": "madfast-distill/1", "config": asdict(cfg), "step": step,
-                                     "task": task.state_dict(), "noise": noise, "rng": rng},
-                                    cfg.out, step, cfg.keep_ckpts)
+        if main:
+            ckpt.save_checkpoint({"format": "madfast-distill/1", "config": asdict(cfg), "step": step,
+                                  "task": task.state_dict(), "noise": noise, "rng": rng}, cfg.out, step, cfg.keep_ckpts)
 
     bar = _progress(total, start, cfg.progress and main, "distill")
     t0, tick, student_acc = time.perf_counter(), time.perf_counter(), None
-    # Time to accuracy: wall seconds (this process's, evaluations included) until an evaluation first
-    # shows the student at each fraction of the teacher's accuracy; None while not reached.
+    # wall seconds (this process's, evaluations included) to each fraction of the teacher's accuracy
     seconds_to = {f"{r:.2f}": None for r in TIME_TO_ACCURACY}
     end = total if stop_after is None else min(total, start + stop_after)
     step = start

@@ -27,11 +27,7 @@ class _AllReduceSum(torch.autograd.Function):
         dist.all_reduce(out)
         return out
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+    backward = forward  # the gradient of a sum over ranks: the sum of every rank's gradient
 
 
 class GlobalBNStatHook(BNStatHook):

@@ -94,18 +94,14 @@ class MADTask:
         self.scaler_s = torch.amp.GradScaler(self.device.type, enabled=fp16)
         # Per-rank noise stream: ranks see different samples, and its state is checkpointed.
         self.noise = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + ctx.rank + 1)
-        self._teacher_f, self._student_f, self._gen_f = self.teacher, self.student, self.generator
+        compile_ = (lambda m: torch.compile(m, mode=cfg.compile_mode)) if cfg.compile else (lambda m: m)
+        self._teacher_f, self._student_f, self._gen_f = map(compile_, (self.teacher, self.student, self.generator))
         # the forwards outside DDP: G's and G̃'s sampling, the student's in the G step
-        self._g_sample_f, self._student_g_f = self.g_raw, self.student_raw
-        self._ema_f = self.ema.module if self.ema is not None else None
+        self._g_sample_f, self._student_g_f = compile_(self.g_raw), compile_(self.student_raw)
+        self._ema_f = compile_(self.ema.module) if self.ema is not None else None
         # A CUDA-graph mode replays each compiled forward into buffers of its own; every iteration
         # starts a new generation of them, as nothing of the previous one is read after it returns.
         self._cudagraphs = cfg.compile and cfg.compile_mode in CUDAGRAPH_MODES
-        if cfg.compile:
-            compile_ = lambda m: torch.compile(m, mode=cfg.compile_mode)  # noqa: E731
-            self._teacher_f, self._student_f, self._gen_f = compile_(self.teacher), compile_(self.student), compile_(self.generator)
-            self._g_sample_f, self._student_g_f = compile_(self.g_raw), compile_(self.student_raw)
-            self._ema_f = compile_(self.ema.module) if self.ema is not None else None
 
     def to_input(self, x: torch.Tensor) -> torch.Tensor:
         """Generator images → classifier input: to [0, 1] (from tanh's [-1, 1]), normalised like the data."""
