@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "networks) | r50_r18_224px_b64 | demo_cnn_16px_b64")
     p.add_argument("--providers", default="eager,default", help="step: comma-separated among eager, default, "
                    "default_compile, default_cudagraphs (reduce-overhead) and the variants default_bf16, "
-                   "default_contiguous, default_foreach, eager_fused_optim")
+                   "default_contiguous, default_foreach, eager_fused_optim, default_torch_ops")
     p.add_argument("--device", default="auto", help="step: auto | cpu | cuda | cuda:N")
     p.add_argument("--rounds", type=int, default=10, help="step: timed iterations per provider")
     p.add_argument("--divisor", type=int, help="step: divide the case's batch by this (default: 1 on CUDA, 32 on CPU)")

@@ -44,6 +44,7 @@ def environment(device: torch.device) -> dict:
         "cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "extension_loaded": _backend.extension_loaded(), "device": device.type,
+        "madfast_backend": os.environ.get("MADFAST_BACKEND") or None,  # a run-wide backend changes every op
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

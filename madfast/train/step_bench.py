@@ -58,6 +58,8 @@ PROVIDERS = {
     "default_contiguous": lambda device: dict(channels_last=False),
     "default_foreach": lambda device: dict(optimizer_impl="foreach"),
     "eager_fused_optim": lambda device: {**_eager(device), "optimizer_impl": "fused"},
+    # the defaults with every op on its torch reference: what the fused kernels add to the iteration
+    "default_torch_ops": lambda device: dict(backend="torch"),
 }
 
 _SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal", "allclose", "unique", "_unique2"}
