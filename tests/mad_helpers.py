@@ -1,4 +1,5 @@
-"""Tiny digits teacher and distill configs shared by the trainer, CLI and DDP tests."""
+"""Shared by the tests: a tiny digits teacher and distill configs (trainer, CLI and DDP tests), and a
+recorder of the madfast ops a piece of code dispatches."""
 
 from __future__ import annotations
 
@@ -7,10 +8,24 @@ import signal
 import subprocess
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from madfast.train import DistillConfig, TeacherConfig, train_teacher
 
 _TEACHERS: dict[str, str] = {}
+
+
+class MadfastOps(TorchDispatchMode):
+    """While active: the names of the ``madfast::`` ops dispatched, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "madfast":
+            self.ops.append(func._opname)
+        return func(*args, **(kwargs or {}))
 
 
 def tiny_teacher(root) -> str:

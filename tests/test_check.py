@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import madfast
 from madfast import _backend, _verified
 from madfast.check import CheckOptions, options, run_check
 from madfast.check.cases import CASES
 from madfast.cli import main
+from mad_helpers import MadfastOps
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"kind", "op", "backend", "dtype", "shape"}
@@ -94,19 +94,6 @@ def test_inputs_are_the_same_in_every_process():
     assert len(sums) == 1, sums
 
 
-class _Executed(TorchDispatchMode):
-    """The madfast dispatcher entries that run while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.names: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "madfast":
-            self.names.add(func._opname)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_each_case_runs_the_kernels_it_declares(name):
     """A case's ``dispatches`` is what its verified entries are filed under: on every fused CPU
@@ -119,11 +106,11 @@ def test_each_case_runs_the_kernels_it_declares(name):
     if not backends:
         pytest.skip("no compiled CPU backend for this case here")
     for b in backends:
-        with _Executed() as seen:
+        with MadfastOps() as seen:
             _evaluate(case, case.fused(b), _inputs(case, shape, torch.float32, device), None)
         for op in case.dispatches:
             fwd, bwd = _backend.OPS[op].kernels[b]
-            assert fwd in seen.names and (bwd is None or not case.grads or bwd in seen.names), (b, op, seen.names)
+            assert fwd in seen.ops and (bwd is None or not case.grads or bwd in seen.ops), (b, op, seen.ops)
 
 
 def test_a_perturbed_kernel_fails_the_check(tmp_path, monkeypatch):

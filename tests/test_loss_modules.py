@@ -6,6 +6,7 @@ from torch import nn
 
 from madfast.nn import AdversarialLoss, BNStatHook, KLDivLoss
 from madfast.ops import adversarial_loss, bn_stat_loss, kl_div
+from mad_helpers import MadfastOps
 
 
 class Teacher(nn.Module):
@@ -87,24 +88,14 @@ def test_bn_stat_hook_under_compiled_teacher():
 def test_bn_stat_hook_one_op_for_every_layer():
     """On the C++ backend the hook adds one forward op and one backward op for all BN layers,
     computed when hook.loss is read."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from madfast import _backend
 
     assert _backend.has_kernel("bn_stat_losses", "CPU")  # the extension is always built with it (test_build.py)
 
-    class Madfast(TorchDispatchMode):
-        ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.namespace == "madfast":
-                self.ops.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
     teacher = trained_teacher()
     hook = BNStatHook(teacher, backend="cpp")
     x = torch.randn(4, 3, 8, 8, requires_grad=True)
-    with Madfast() as mode:
+    with MadfastOps() as mode:
         teacher(x)
         assert mode.ops == []  # deferred
         loss = hook.loss

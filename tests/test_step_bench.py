@@ -9,6 +9,7 @@ import torch
 
 from madfast.cli import main
 from madfast.train import step_bench
+from mad_helpers import MadfastOps
 
 TINY = dict(teacher="small_cnn", student="small_cnn_half", img_size=16, batch=4)
 
@@ -57,26 +58,15 @@ def test_the_profile_charges_each_network(result):
 def test_default_torch_ops_is_the_default_with_no_madfast_op():
     from dataclasses import asdict
 
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Namespaces(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.seen.add(func.namespace)
-            return func(*args, **(kwargs or {}))
-
     cpu, seen = torch.device("cpu"), {}
     for name in ("default", "default_torch_ops"):
         task = step_bench.make_task(TINY, step_bench.PROVIDERS[name](cpu), cpu)
-        with Namespaces() as mode:
+        with MadfastOps() as mode:
             task.iteration(1)
-        seen[name] = (asdict(task.cfg), mode.seen)
-    (default, default_ns), (torch_ops, torch_ops_ns) = seen["default"], seen["default_torch_ops"]
+        seen[name] = (asdict(task.cfg), mode.ops)
+    (default, default_ops), (torch_ops, torch_ops_ops) = seen["default"], seen["default_torch_ops"]
     assert torch_ops.pop("backend") == "torch" and default.pop("backend") == "auto" and torch_ops == default
-    assert "madfast" in default_ns and "madfast" not in torch_ops_ns
+    assert default_ops and not torch_ops_ops
 
 
 def test_counts(result):
