@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 import re
+import itertools
 import warnings
-from functools import reduce
 
 import torch
 from torch import nn
@@ -115,12 +115,20 @@ def extract_state_dict(obj) -> dict[str, torch.Tensor]:
     return state
 
 
+def _remap(key: str, rules: list[tuple[str, str]]) -> str:
+    for pattern, repl in rules:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
 def _fit(state: dict, model: nn.Module, name: str, num_classes: int) -> dict:
     """``state`` as is, or under the first key map whose keys are exactly the model's; of the model's shapes."""
     want = model.state_dict()
-    mapped = (state, *({reduce(lambda k, rule: re.sub(*rule, k), rules, k): v for k, v in state.items()}
-                       for rules in CMI_KEY_MAPS.values()))
-    fitted = next((m for m in mapped if set(m) == set(want)), None)
+    keys = set(want)
+    # tried in order, each map applied only if the ones before it did not fit
+    candidates = itertools.chain([state], ({_remap(k, rules): v for k, v in state.items()}
+                                           for rules in CMI_KEY_MAPS.values()))
+    fitted = next((m for m in candidates if set(m) == keys), None)
     if fitted is None:
         missing = [k for k in want if k not in state]
         extra = [k for k in state if k not in want]
