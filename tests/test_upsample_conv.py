@@ -138,25 +138,6 @@ def test_empty_inputs(backend, shapes):
     assert gx.shape == x.shape and gw.shape == w.shape and torch.count_nonzero(gx) == torch.count_nonzero(gw) == 0
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_triton_opcheck_and_compile(device):
-    skip_unless_available("upsample_conv", "triton", device)
-    forward, backward = torch.ops.madfast.upsample_conv_triton, torch.ops.madfast.upsample_conv_backward_triton
-    x = torch.randn(2, 3, 4, 5, device=device, requires_grad=True)
-    w = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
-    torch.library.opcheck(forward, (x, w, True))
-    torch.library.opcheck(forward, (x.detach().contiguous(memory_format=torch.channels_last), w, False))
-    g, y = torch.randn(2, 4, 8, 10, device=device), torch.randn(2, 4, 8, 10, device=device)
-    gm, gv, mean = torch.randn(4, device=device), torch.randn(4, device=device), torch.randn(4, device=device)
-    # (…, y, mean, grad_mean, grad_var, …): the Triton op gives batch moments
-    torch.library.opcheck(backward, (g, x.detach(), w.detach(), None, None, None, None, True, True))
-    torch.library.opcheck(backward, (g, x.detach(), w.detach(), y, mean, gm, gv, True, False))
-    torch._dynamo.reset()
-    compiled = torch.compile(lambda a, b: upsample_conv(a, b, stats=True, backend="triton")[0].sum(),
-                             fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(x, w), torch_upsample_conv(x, w).sum(), atol=1e-4, rtol=1e-5)
-
-
 def test_bad_input():
     x, w = torch.randn(2, 3, 4, 4), torch.randn(5, 3, 3, 3)
     with pytest.raises(ValueError, match="weight must have shape \\(Cout, 4, 3, 3\\)"):
@@ -415,22 +396,28 @@ def test_moment_gradients(device, backend):
         torch.testing.assert_close(a, b, atol=tol * b.abs().max().item(), rtol=tol)
 
 
+@pytest.mark.parametrize("backend", ["aten", "triton"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_aten_opcheck(device):
-    forward, backward = torch.ops.madfast.upsample_conv_aten, torch.ops.madfast.upsample_conv_backward_aten
+def test_opcheck_and_compile(device, backend):
+    skip_unless_available("upsample_conv", backend, device)
+    forward = getattr(torch.ops.madfast, f"upsample_conv_{backend}")
+    backward = getattr(torch.ops.madfast, f"upsample_conv_backward_{backend}")
     x = torch.randn(2, 3, 4, 5, device=device, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
     torch.library.opcheck(forward, (x, w, True))
     torch.library.opcheck(forward, (x.detach().contiguous(memory_format=torch.channels_last), w, False))
     g, y = torch.randn(2, 4, 8, 10, device=device), torch.randn(2, 4, 8, 10, device=device)
     gm, gv, mean = torch.randn(4, device=device), torch.randn(4, device=device), torch.randn(4, device=device)
+    # (grad_y, x, weight, y, mean, grad_mean, grad_var, needs grad_x, needs grad_weight)
     torch.library.opcheck(backward, (g, x.detach(), w.detach(), None, None, None, None, True, True))
     torch.library.opcheck(backward, (g, x.detach(), w.detach(), y, mean, gm, gv, True, False))
     torch.library.opcheck(backward, (g, x.detach(), w.detach(), None, None, gm, None, False, True))
     torch._dynamo.reset()
-    compiled = torch.compile(lambda a, b: upsample_conv(a, b, stats=True, backend="aten")[1].sum(),
+    compiled = torch.compile(lambda a, b: [t.sum() for t in upsample_conv(a, b, stats=True, backend=backend)[:2]],
                              fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(x, w), torch_upsample_conv(x, w).sum(), atol=1e-4, rtol=1e-5)
+    expected = torch_upsample_conv(x, w).sum()  # the block's output, and its per-channel sums
+    for got in compiled(x, w):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
 
 
 def test_aten_backward_op_bad_input():
