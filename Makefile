@@ -31,9 +31,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m madfast bench --out benchmarks/results
 
-# The prepared GPU run (about 8 minutes on an H100; no venv, no registries: the machine's python3 and
-# torch): builds the extension for this GPU, runs `madfast check --device cuda`, the tests and the
-# benchmarks there, writing everything into $(OUT) (the environment's OUT when set, as on a lent machine).
+# The prepared GPU run (at most TOTAL_S, default 540 s; no venv, no registries: the machine's python3
+# and torch): in order of value, the build for this GPU, the whole MAD iteration, the headline check
+# (the verified entries), every shape's correctness, the tests; everything into $(OUT) (the
+# environment's OUT when set, as on a lent machine). benchmarks/gpu_recheck.sh reruns what failed.
 OUT ?= benchmarks/results/gpu-check-$(shell date -u +%Y%m%d-%H%M%S)
 gpu-check:
 	bash benchmarks/gpu_check.sh $(OUT)

@@ -9,7 +9,7 @@ entries replace the packaged ones of the same (op, backend, dtype, capability).
 An entry: ``{"op": "kl_div_fwd", "backend": "cuda", "dtype": "float32", "gpu": "NVIDIA H100 80GB HBM3",
 "capability": "9.0", "ratio": 2.4, "ok": true, "date": "...", "commit": "...", "check_ops": ["kl"]}`` —
 ``op`` is the dispatcher op that ``madfast._backend.choose`` is asked about, ``ratio`` the geometric mean
-over the op's benchmark shapes of (torch reference time / backend time). A file that cannot be read is
+over the shapes the check timed of (torch reference time / backend time). A file that cannot be read is
 ignored with one warning: ``auto`` then keeps the torch reference, it never fails a training run.
 """
 

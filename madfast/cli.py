@@ -22,6 +22,7 @@ _EPILOG_DISTILL = """examples:
 
 _EPILOG_CHECK = """examples:
   madfast check                                   # every op on this GPU; then `madfast check --save`
+  madfast check --headline --dtypes float32,bf16  # the MAD shapes only, checked and timed
   madfast check --device cpu --quick --out /tmp/c # the CPU rehearsal CI runs
   madfast check --ops kl,adversarial --dtypes bfloat16"""
 
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", help="comma-separated subset of float32,bfloat16,float16,float64 (default: all)")
     p.add_argument("--quick", action="store_true", help="one small benchmark shape per op, short timings, "
                    "no torch.compile unless --compile")
+    p.add_argument("--headline", action="store_true", help="only each op's headline shapes (the MAD workloads: "
+                   "what verified dispatch is derived from), checked and timed: what a short GPU window runs first")
+    p.add_argument("--no-timing", dest="timing", action="store_false", help="check correctness only")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="time torch.compile too (default: on unless --quick)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="do not time torch.compile")
@@ -265,7 +269,7 @@ def _cmd_check(args) -> int:
 
     try:
         opts = options(args.device, args.ops, args.dtypes, args.out, args.quick, args.compile, args.save,
-                       args.time_budget, args.progress, args.argv)
+                       args.time_budget, args.progress, args.argv, args.headline, args.timing)
     except ValueError as e:
         raise UsageError(str(e)) from None
     return run_check(opts)

@@ -164,6 +164,40 @@ def test_compile_is_timed_when_asked(tmp_path):
     assert speed and all(r["compile_us"] is not None and r["x_compile"] > 0 for r in speed)
 
 
+def test_headline_runs_only_the_headline_shapes_and_no_timing_times_nothing(tmp_path):
+    ops = ("ema", "bn_stats", "bn_lrelu")
+    (tmp_path / "h").mkdir(), (tmp_path / "c").mkdir()
+    assert run_check(dataclasses.replace(_opts(tmp_path / "h", ops), headline=True)) == 0
+    rows = json.loads((tmp_path / "h" / "check.json").read_text())["results"]
+    headline = {(op, s.label) for op in ops for s in CASES[op].shapes(8, True) if s.headline}
+    assert {(r["op"], r["shape"]) for r in rows} == headline  # every headline shape, checked and timed
+    assert {r["kind"] for r in rows} == {"correctness", "speed"}
+    assert run_check(dataclasses.replace(_opts(tmp_path / "c", ops), timing=False)) == 0
+    rows = json.loads((tmp_path / "c" / "check.json").read_text())["results"]
+    assert {r["kind"] for r in rows} == {"correctness"} and any(r["shape"].startswith("1") for r in rows)  # odd too
+    assert not (tmp_path / "c" / "verified-entries.json").exists()
+
+
+def test_verified_entries_are_written_as_the_run_goes(tmp_path, monkeypatch):
+    """A GPU window can end mid-run: the entries of every op timed so far must already be on disk."""
+    from madfast.check import runner
+
+    gpu = {**runner.environment(torch.device("cpu")), "device": "cuda", "gpu": "H100", "capability": "9.0"}
+    monkeypatch.setattr(runner, "environment", lambda device: gpu)
+    time_case = runner.time_case
+
+    def cut_after_the_first_op(case, *a, **k):
+        if case.name != "ema":
+            raise KeyboardInterrupt  # the device call's time limit
+        return time_case(case, *a, **k)
+    monkeypatch.setattr(runner, "time_case", cut_after_the_first_op)
+    with pytest.raises(KeyboardInterrupt):
+        run_check(dataclasses.replace(_opts(tmp_path, ("ema", "bn_lrelu")), headline=True))
+    entries = json.loads((tmp_path / "verified-entries.json").read_text())["entries"]
+    assert {(e["op"], e["backend"]) for e in entries} == {("ema_update_", "cpp")}
+    assert json.loads((tmp_path / "check.json").read_text())["verified_entries"] == entries
+
+
 # ---- verified dispatch ----------------------------------------------------------------------------
 def entry(op="kl_div_fwd", backend="cuda", dtype="float32", capability="9.0", ratio=1.5, ok=True):
     return {"op": op, "backend": backend, "dtype": dtype, "gpu": "NVIDIA H100", "capability": capability,
@@ -313,21 +347,87 @@ def test_save_refuses_a_corrupt_cache_and_leaves_it(tmp_path, monkeypatch):
 
 
 # ---- the GPU script ---------------------------------------------------------------------------------
-def test_gpu_check_dry_run_lists_the_steps_in_order(tmp_path):
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+def _gpu_steps(script: str, *args: str, **env) -> tuple[list[str], str]:
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / script), "--dry-run", *args], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable, **env})
     assert proc.returncode == 0, proc.stderr
-    steps = [line.split()[2] for line in proc.stdout.splitlines() if line.startswith("== ") and "limit" in line]
-    assert steps == ["build", "step", "check", "tests"]  # the benchmark suites only with BENCH_S > 0
-    assert "madfast bench step --device cuda --providers eager,default,default_compile" in proc.stdout
-    assert "madfast check --device cuda --dtypes float32" in proc.stdout
-    assert "TORCH_CUDA_ARCH_LIST=" in proc.stdout
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("== ") and "limit" in line]
+    return [line.split(" (limit")[0].split(" ", 2)[2] for line in lines], proc.stdout
+
+
+def test_gpu_check_dry_run_lists_the_steps_in_order(tmp_path):
+    """By value per second: build, the whole iteration (both cases), the headline check (the verified
+    entries), every shape's correctness, the tests."""
+    steps, stdout = _gpu_steps("gpu_check.sh", str(tmp_path / "o"))
+    assert steps == ["build", "step r34_r18_32px_b256", "step r50_r18_224px_b64", "headline", "check", "tests"]
+    assert "madfast bench step --case r34_r18_32px_b256 --device cuda --providers eager,default,default_compile" in stdout
+    assert "madfast check --device cuda --headline --dtypes float32,bfloat16" in stdout
+    assert "madfast check --device cuda --no-timing --out" in stdout
+    assert "TORCH_CUDA_ARCH_LIST=" in stdout
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["build.log"]  # nothing run
-    with_bench = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", str(tmp_path / "b")],
-                                capture_output=True, text=True, timeout=120,
-                                env={**os.environ, "PYTHON": sys.executable, "BENCH_S": "40"})
-    assert [line.split()[2] for line in with_bench.stdout.splitlines()
-            if line.startswith("== ") and "limit" in line] == ["build", "step", "check", "tests", "bench"]
+    _, short = _gpu_steps("gpu_check.sh", str(tmp_path / "t"), TOTAL_S="100")
+    limits = [int(line.split("(limit ")[1].split("s)")[0]) for line in short.splitlines() if "(limit" in line]
+    assert limits[0] == 75 and all(50 < t <= 100 for t in limits[1:])  # no step outlasts what is left of the run
+    narrowed, _ = _gpu_steps("gpu_check.sh", str(tmp_path / "n"), STEP_CASES="", CHECK_OPS="", TESTS="")
+    assert narrowed == ["build", "headline"]
+
+
+def _previous_gpu_run(out: Path) -> Path:
+    """The files of a gpu_check.sh run that timed one case, failed kl in the headline check, did not
+    time bn_lrelu in bf16, never reached the full check, and was cut short in the tests."""
+    out.mkdir()
+    (out / "step.json").write_text(json.dumps({"r34_r18_32px_b256": {}}))
+    rows = [{"kind": "correctness", "op": op, "dtype": dt, "ok": op != "kl"} for op in CASES
+            for dt in ("float32", "bfloat16")]
+    rows += [{"kind": "speed", "op": op, "dtype": dt} for op in CASES for dt in ("float32", "bfloat16")
+             if (op, dt) != ("bn_lrelu", "bfloat16")]
+    (out / "headline.json").write_text(json.dumps({"summary": {"finished": True}, "results": rows}))
+    (out / "pytest.log").write_text("# tests: tests/test_a.py tests/test_b.py tests/test_c.py\n"
+                                    "tests/test_a.py::test_x PASSED [ 1%]\ntests/test_a.py::test_y FAILED [ 2%]\n"
+                                    "tests/test_b.py::test_z[cuda] ERROR [ 3%]\n")
+    return out
+
+
+def test_gpu_check_rehearsed_on_cpu(tmp_path):
+    """The script itself, not its dry run: every step on a CPU, narrowed, into the 8 files a lent
+    machine returns; then what a recheck would rerun."""
+    out = tmp_path / "o"
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "BUILD_S": "0", "STEP_CASES": "demo_cnn_16px_b64",
+           "STEP_PROVIDERS": "eager,default", "HEADLINE_OPS": "ema,bn_lrelu", "HEADLINE_DTYPES": "float32",
+           "CHECK_OPS": "bn_lrelu", "TESTS": "tests/test_presets.py", "MADFAST_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["build.log", "check.json", "check.log", "headline.json",
+                                                    "pytest.log", "step.json", "step.log", "verified-entries.json"]
+    assert list(json.loads((out / "step.json").read_text())) == ["demo_cnn_16px_b64"]
+    headline = json.loads((out / "headline.json").read_text())
+    assert headline["summary"]["finished"] and {r["op"] for r in headline["results"]} == {"ema", "bn_lrelu"}
+    assert {r["kind"] for r in headline["results"]} == {"correctness", "speed"}
+    full = json.loads((out / "check.json").read_text())
+    assert {(r["op"], r["kind"]) for r in full["results"]} == {("bn_lrelu", "correctness")}
+    assert "passed" in (out / "pytest.log").read_text()
+    steps, _ = _gpu_steps("gpu_recheck.sh", str(out), str(tmp_path / "again"))
+    assert steps == ["build", "step r34_r18_32px_b256", "step r50_r18_224px_b64", "headline", "check"]  # not tests
+
+
+def test_what_a_gpu_run_left_to_do(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from gpu_failures import left_to_do
+    finally:
+        sys.path.pop(0)
+    todo = left_to_do(_previous_gpu_run(tmp_path / "prev"), tuple(CASES))
+    assert todo == {"STEP_CASES": "r50_r18_224px_b64", "HEADLINE_OPS": "kl,bn_lrelu", "CHECK_OPS": ",".join(CASES),
+                    "TESTS": "tests/test_a.py::test_y tests/test_b.py::test_z[cuda] tests/test_c.py"}
+    assert left_to_do(tmp_path / "nothing", ("kl",))["TESTS"] is None  # tests never started: all of them
+
+
+def test_gpu_recheck_reruns_only_what_failed(tmp_path):
+    steps, stdout = _gpu_steps("gpu_recheck.sh", str(_previous_gpu_run(tmp_path / "prev")), str(tmp_path / "o"))
+    assert steps == ["build", "step r50_r18_224px_b64", "headline", "check", "tests"]
+    assert "--headline --ops kl,bn_lrelu --dtypes" in stdout
+    assert "pytest tests/test_a.py::test_y tests/test_b.py::test_z[cuda] tests/test_c.py -v" in stdout
 
 
 def test_make_gpu_check_calls_the_script_with_out():

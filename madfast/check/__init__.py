@@ -40,7 +40,8 @@ def _writable_dir(out: str) -> Path:
 
 
 def options(device: str, ops: str | None, dtypes: str | None, out: str, quick: bool, compile: bool | None,
-            save: bool, time_budget: float | None, progress: bool, argv: list[str]) -> CheckOptions:
+            save: bool, time_budget: float | None, progress: bool, argv: list[str], headline: bool = False,
+            timing: bool = True) -> CheckOptions:
     """Validated options; ValueError (one line, naming the flag) before anything is written or run."""
     if device not in ("cuda", "cpu"):
         raise ValueError(f"--device must be cuda or cpu, got {device!r}")
@@ -51,13 +52,16 @@ def options(device: str, ops: str | None, dtypes: str | None, out: str, quick: b
     if time_budget is not None and not time_budget > 0:
         raise ValueError(f"--time-budget must be > 0 seconds, got {time_budget}")
     if save:
+        if not timing:
+            raise ValueError("--save needs the timings that --no-timing skips")
         if device != "cuda":
             raise ValueError("--save: verified dispatch applies to CUDA GPUs; run with --device cuda")
         from madfast import _verified
         _verified.read_entries(_verified.cache_file())  # a corrupt cache stops here, untouched
     dev = torch.device(device)
     return CheckOptions(device=dev, ops=tuple(op_names), dtypes=tuple(dtype_list), out=_writable_dir(out),
-                        quick=quick, compile=(not quick) if compile is None else compile, save=save,
+                        quick=quick, headline=headline, timing=timing,
+                        compile=(not quick) if compile is None else compile, save=save,
                         time_budget_s=time_budget, progress=progress,
                         batch_divisor=1 if device == "cuda" else 8, argv=argv)
 

@@ -28,6 +28,7 @@ class Shape:
     label: str
     dims: tuple
     odd: bool = False  # correctness only (not timed)
+    headline: bool = False  # a MAD workload (with --quick: the quick one), all that `--headline` runs
 
 
 @dataclass(frozen=True)
@@ -73,12 +74,12 @@ def resnet50_param_shapes() -> list[tuple[int, ...]]:
 
 def _ema_shapes(div: int, quick: bool) -> list[Shape]:
     rn50 = resnet50_param_shapes()
-    bench = [Shape("resnet50 params", tuple((max(1, s[0] // div),) + tuple(s[1:]) for s in rn50)),
+    bench = [Shape("resnet50 params", tuple((max(1, s[0] // div),) + tuple(s[1:]) for s in rn50), headline=True),
              Shape("flat 25.6M", ((RESNET50_PARAMS // div,),))]
     odd = [Shape("1, 3×5×7, 4097, 0", ((1,), (3, 5, 7), (4097,), (0,)), odd=True),
            Shape("non-contiguous 33×17ᵀ", (("t", 33, 17),), odd=True)]
     if quick:
-        bench = [Shape("resnet50 first 20 params", bench[0].dims[:20])]
+        bench = [Shape("resnet50 first 20 params", bench[0].dims[:20], headline=True)]
     return bench + odd
 
 
@@ -117,7 +118,9 @@ def _logit_shapes(div: int, quick: bool) -> list[Shape]:
     rows = max(1, 1024 // div)
     bench = [(rows, c) for c in (10, 100, 1000, 21843)] if not quick else [(64, 100)]
     odd = ((7, 13), (33, 4097)) if quick else ((1, 1), (7, 13), (33, 4097))
-    return [Shape(f"{b}×{c}", (b, c)) for b, c in bench] + [Shape(f"{b}×{c}", (b, c), odd=True) for b, c in odd]
+    # headline: CIFAR-100's and ImageNet's class counts
+    return ([Shape(f"{b}×{c}", (b, c), headline=c in (100, 1000)) for b, c in bench]
+            + [Shape(f"{b}×{c}", (b, c), odd=True) for b, c in odd])
 
 
 def _logits_make(shape, dtype, device, g):
@@ -147,12 +150,12 @@ RESNET50_BN = [(64, 64, 112, 112), (64, 256, 56, 56), (64, 2048, 7, 7)]
 
 
 def _bn_shapes(div: int, quick: bool) -> list[Shape]:
-    bench = [Shape(f"{max(1, n // div)}×{c}×{h}×{w} {fmt}", ((max(1, n // div), c, h, w), fmt))
+    bench = [Shape(f"{max(1, n // div)}×{c}×{h}×{w} {fmt}", ((max(1, n // div), c, h, w), fmt), headline=c == 256)
              for n, c, h, w in RESNET50_BN for fmt in ("nchw", "nhwc")]
     odd = [Shape(f"{'×'.join(map(str, s))} {fmt}", (s, fmt), odd=True)
            for s in ((1, 3, 1, 1), (3, 5, 7, 9), (2, 129, 3, 3)) for fmt in ("nchw", "nhwc")]
     if quick:
-        bench = [Shape(f"8×64×14×14 {fmt}", ((8, 64, 14, 14), fmt)) for fmt in ("nchw", "nhwc")]
+        bench = [Shape(f"8×64×14×14 {fmt}", ((8, 64, 14, 14), fmt), headline=True) for fmt in ("nchw", "nhwc")]
         odd = [odd[2], odd[5]]  # 3×5×7×9 nchw, 2×129×3×3 nhwc
     return bench + odd
 
@@ -181,17 +184,19 @@ def _bn_work(shape, dtype):
 
 
 # ---- generator block ----------------------------------------------------------------------------
-# (N, Cin, Cout, H): the generators' block shapes, CIFAR to ImageNet (input H×H, output 2H×2H)
+# (N, Cin, Cout, H): the generators' block shapes, CIFAR to ImageNet (input H×H, output 2H×2H); the
+# headline is the CIFAR generator's first block at the CIFAR preset's batch
 BLOCK_SHAPES = [(32, 128, 128, 8), (32, 128, 64, 16), (256, 128, 128, 8), (64, 64, 64, 56)]
+HEADLINE_BLOCK = (256, 128, 128, 8)
 
 
 def _block_shapes(div: int, quick: bool) -> list[Shape]:
-    bench = [Shape(f"{max(1, n // div)}×{ci}→{co} {h}→{2 * h}px", (max(1, n // div), ci, co, h, h))
-             for n, ci, co, h in BLOCK_SHAPES]
+    bench = [Shape(f"{max(1, n // div)}×{ci}→{co} {h}→{2 * h}px", (max(1, n // div), ci, co, h, h),
+                   headline=(n, ci, co, h) == HEADLINE_BLOCK) for n, ci, co, h in BLOCK_SHAPES]
     odd = [Shape("1×3→5 1→2px", (1, 3, 5, 1, 1), odd=True), Shape("2×5→6 7×9→14×18px", (2, 5, 6, 7, 9), odd=True),
            Shape("3×33→17 4→8px nhwc", (3, 33, 17, 4, 4, "nhwc"), odd=True)]
     if quick:
-        bench, odd = [Shape("4×16→16 4→8px", (4, 16, 16, 4, 4))], odd[1:]
+        bench, odd = [Shape("4×16→16 4→8px", (4, 16, 16, 4, 4), headline=True)], odd[1:]
     return bench + odd
 
 
@@ -260,12 +265,12 @@ def _block_fused(backend):
 
 # ---- BN normalise + LeakyReLU -------------------------------------------------------------------
 def _bn_lrelu_shapes(div: int, quick: bool) -> list[Shape]:
-    bench = [Shape(f"{max(1, n // div)}×{co}×{2 * h}×{2 * h}", ((max(1, n // div), co, 2 * h, 2 * h), "nchw"))
-             for n, _, co, h in BLOCK_SHAPES]
+    bench = [Shape(f"{max(1, n // div)}×{co}×{2 * h}×{2 * h}", ((max(1, n // div), co, 2 * h, 2 * h), "nchw"),
+                   headline=(n, ci, co, h) == HEADLINE_BLOCK) for n, ci, co, h in BLOCK_SHAPES]
     odd = [Shape("1×1×1×1", ((1, 1, 1, 1), "nchw"), odd=True), Shape("3×7×5×9 nhwc", ((3, 7, 5, 9), "nhwc"), odd=True),
            Shape("2×3×1025×1", ((2, 3, 1025, 1), "nchw"), odd=True)]
     if quick:
-        bench, odd = [Shape("4×16×8×8", ((4, 16, 8, 8), "nchw"))], odd[1:]
+        bench, odd = [Shape("4×16×8×8", ((4, 16, 8, 8), "nchw"), headline=True)], odd[1:]
     return bench + odd
 
 

@@ -36,6 +36,8 @@ class CheckOptions:
     dtypes: tuple[torch.dtype, ...]
     out: Path
     quick: bool = False
+    headline: bool = False  # only each op's headline shapes (Shape.headline)
+    timing: bool = True  # False: correctness only
     compile: bool = True
     save: bool = False
     time_budget_s: float | None = None
@@ -286,8 +288,13 @@ def run_check(opts: CheckOptions) -> int:
                              "failures": sum(r["kind"] == "correctness" and not r["ok"] for r in rows),
                              "timed": sum(r["kind"] == "speed" for r in rows), "finished": finished,
                              "seconds": time.perf_counter() - started}
+        # derived on every write: a run cut short keeps the entries of all it timed
+        report["verified_entries"] = verified_entries(rows, env)
         _atomic_write(json_path, json.dumps(report, indent=1))
         _atomic_write(md_path, markdown(report))
+        if opts.timing:
+            _atomic_write(opts.out / "verified-entries.json", json.dumps({"entries": report["verified_entries"]},
+                                                                        indent=1))
 
     # dtype-major (the order of --dtypes, fp32 first by default): a run cut short has every op in
     # the dtypes that matter most
@@ -299,8 +306,9 @@ def run_check(opts: CheckOptions) -> int:
             if dtype not in case.dtypes:
                 report["skipped"].append(f"{name} / {_dtype_name(dtype)}: not an input dtype of this op's check")
                 continue
-            plan += [(case, backends[name], dtype, shape) for shape in case.shapes(opts.batch_divisor, opts.quick)]
-    n_units = sum(len(b) for _, b, _, _ in plan) + sum(1 for *_, s in plan if not s.odd)
+            plan += [(case, backends[name], dtype, shape) for shape in case.shapes(opts.batch_divisor, opts.quick)
+                     if shape.headline or not opts.headline]
+    n_units = sum(len(b) for _, b, _, _ in plan) + sum(opts.timing for *_, s in plan if not s.odd)
     bar = _progress(n_units, opts.progress)
 
     def emit(row: dict) -> None:
@@ -333,7 +341,7 @@ def run_check(opts: CheckOptions) -> int:
 
     budget_s = 0.05 if opts.quick else 0.3
     timed_units = []  # (case, shape, dtype, what, its speed rows)
-    for case, backends, dtype, shape in plan:
+    for case, backends, dtype, shape in plan if opts.timing else ():
         if shape.odd:
             continue
         bar.update()
@@ -375,9 +383,7 @@ def run_check(opts: CheckOptions) -> int:
                   + " ".join(f"{r['backend']} ×{r['x_compile']:.2f}" for r in rows))
         flush(False)
     bar.close()
-    report["verified_entries"] = verified_entries(report["results"], env)
     flush(True)
-    _atomic_write(opts.out / "verified-entries.json", json.dumps({"entries": report["verified_entries"]}, indent=1))
     if opts.save:
         save_entries(report["verified_entries"])
     s = report["summary"]
