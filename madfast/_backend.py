@@ -11,6 +11,7 @@ CPU-only build, a build without some op, or no build at all simply narrows the c
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import warnings
@@ -99,11 +100,32 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
 
 def triton_usable(device: torch.device) -> bool:
     """Triton runs CUDA tensors, and CPU tensors under TRITON_INTERPRET=1."""
+    return _why_no_triton(device) is None
+
+
+def _why_no_triton(device: torch.device) -> str | None:
     if importlib.util.find_spec("triton") is None:
-        return False
+        return "triton is not installed"
     if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+        return None
+    if device.type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
+        return f"Triton does not run {device.type} tensors (set TRITON_INTERPRET=1 for CPU tensors)"
+    return _interpreter_incompatibility()
+
+
+@functools.cache
+def _interpreter_incompatibility() -> str | None:
+    # Triton < 3.7's interpreter turns loop bounds into Python ints with int() of a 1-element array,
+    # which NumPy 2.4 made an error: every kernel with a runtime loop bound would fail inside it
+    import numpy
+    import triton
+
+    def version(v: str) -> tuple[int, int]:
+        return tuple(int(p) for p in v.split(".")[:2])
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter cannot run under NumPy {numpy.__version__} "
+                "(needs triton >= 3.7 or numpy < 2.4)")
+    return None
 
 
 def _spec(op: str) -> Op:
@@ -122,10 +144,7 @@ def _why_unavailable(op: str, backend: str, device: torch.device) -> str | None:
     if backend == "aten":
         return None
     if backend == "triton":
-        return None if triton_usable(device) else (
-            "triton is not installed" if importlib.util.find_spec("triton") is None
-            else f"Triton does not run {device.type} tensors (set TRITON_INTERPRET=1 for CPU tensors)"
-        )
+        return _why_no_triton(device)
     key = {"cpp": "CPU", "cuda": "CUDA"}[backend]
     if device.type != key.lower():
         return f"the {backend} backend runs {key.lower()} tensors, got {device.type} tensors"

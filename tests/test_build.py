@@ -64,6 +64,27 @@ def test_unknown_or_unavailable_backend_is_a_clear_error(monkeypatch):
         _backend.choose("ema_update_", None, cpu)
 
 
+@pytest.mark.parametrize("triton_version, numpy_version, usable", [
+    ("3.6.0", "2.4.6", False), ("3.6.0", "2.3.5", True), ("3.7.1", "2.4.6", True), ("3.8.0", "2.5.0.dev0", True)])
+def test_an_interpreter_that_cannot_run_is_named_not_crashed_in(monkeypatch, triton_version, numpy_version, usable):
+    """Triton 3.6's interpreter under NumPy 2.4 fails inside every kernel with a runtime loop bound
+    (measured with torch 2.11): the backend is unavailable there, with the reason."""
+    numpy, triton = pytest.importorskip("numpy"), pytest.importorskip("triton")
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _backend._interpreter_incompatibility.cache_clear()
+    try:
+        if usable:
+            assert _backend.choose("kl_div_fwd", "triton", torch.device("cpu")) == "triton"
+        else:
+            with pytest.raises(BackendUnavailableError, match=f"Triton {triton_version}'s interpreter cannot run "
+                               f"under NumPy {numpy_version} \\(needs triton >= 3.7 or numpy < 2.4\\)"):
+                _backend.choose("kl_div_fwd", "triton", torch.device("cpu"))
+    finally:
+        _backend._interpreter_incompatibility.cache_clear()
+
+
 def test_op_table_names_only_entries_that_exist():
     """Every forward and backward entry of madfast._backend.OPS is registered (the extension is built
     and triton installed wherever the suite runs), so the table cannot name a kernel that is gone."""
