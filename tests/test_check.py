@@ -314,6 +314,7 @@ def test_entries_from_a_gpu_run():
     (["--dtypes", "float8"], "--dtypes: unknown name(s) float8"),
     (["--device", "tpu"], "--device must be cuda or cpu"),
     (["--save"], "--save: verified dispatch applies to CUDA GPUs"),
+    (["--save", "--no-timing"], "--save needs the timings that --no-timing skips"),
     (["--time-budget", "0"], "--time-budget must be > 0"),
 ] + ([] if torch.cuda.is_available() else [([], "--device cuda: no CUDA GPU")]))
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
