@@ -86,6 +86,7 @@ TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$(nproc) MADFAST_CUDA=1 \
 
 # 2. The whole iteration per case (the compiled provider's compile is most of it); step.json maps
 #    each finished case to its results.
+[ -n "$STEP_CASES" ] && [ $dry = 0 ] && echo "# step cases: ${STEP_CASES//,/ }" >>"$out/step.log"
 for case in ${STEP_CASES//,/ }; do
   step "step $case" "$STEP_S" "$out/step.log" $PYTHON -m madfast bench step --case "$case" --device $DEVICE \
     --providers "$STEP_PROVIDERS" --rounds 10 --out "$out/step-tmp"

@@ -1,6 +1,6 @@
 """What a gpu_check.sh run left to do: the steps that failed or were cut short, as the shell
-assignments that narrow benchmarks/gpu_check.sh to them (STEP_CASES, HEADLINE_OPS, HEADLINE_DTYPES,
-CHECK_OPS, TESTS; an empty one skips its step).
+assignments that narrow benchmarks/gpu_check.sh to them (STEP_CASES, HEADLINE_OPS, CHECK_OPS, TESTS;
+an empty one skips its step, an unset one runs it whole).
 
     python3 benchmarks/gpu_failures.py PREVIOUS_OUT_DIR
 """
@@ -13,7 +13,6 @@ import shlex
 import sys
 from pathlib import Path
 
-STEP_CASES = ("r34_r18_32px_b256", "r50_r18_224px_b64")
 RESULT = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
 
 
@@ -37,14 +36,22 @@ def _check_left(report: dict | None, ops: tuple[str, ...], timed: bool) -> list[
     return [op for op in ops if op in redo]
 
 
-def _tests_left(log: Path) -> list[str] | None:
-    """Failed tests by node id, and the files of the run (its "# tests:" line) that the log has no
-    result for (cut short); None when the tests never started."""
+def _planned(log: Path, what: str) -> tuple[list[str], list[str]] | None:
+    """(what a step's log says it was to run on its "# WHAT:" line, the log's lines); None when the
+    step never started."""
     try:
         lines = log.read_text().splitlines()
     except OSError:
         return None
-    files = next((line.split(":", 1)[1].split() for line in lines if line.startswith("# tests:")), [])
+    return next((line.split(":", 1)[1].split() for line in lines if line.startswith(f"# {what}:")), []), lines
+
+
+def _tests_left(log: Path) -> list[str] | None:
+    """Failed tests by node id, and the files of the run that the log has no result for (cut short)."""
+    planned = _planned(log, "tests")
+    if planned is None:
+        return None
+    files, lines = planned
     results = [m.groups() for m in map(RESULT.match, lines) if m]
     seen = {node.split("::")[0] for node, _ in results}
     return [node for node, outcome in results if outcome in ("FAILED", "ERROR")] + [f for f in files if f not in seen]
@@ -52,10 +59,10 @@ def _tests_left(log: Path) -> list[str] | None:
 
 def left_to_do(prev: Path, ops: tuple[str, ...]) -> dict[str, str | None]:
     """gpu_check.sh's narrowing variables (None: leave it unset, i.e. run the whole step)."""
-    steps = _json(prev / "step.json") or {}
+    planned, done = _planned(prev / "step.log", "step cases"), _json(prev / "step.json") or {}
     tests = _tests_left(prev / "pytest.log")
     return {
-        "STEP_CASES": ",".join(c for c in STEP_CASES if c not in steps),
+        "STEP_CASES": None if planned is None else ",".join(c for c in planned[0] if c not in done),
         "HEADLINE_OPS": ",".join(_check_left(_json(prev / "headline.json"), ops, timed=True)),
         "CHECK_OPS": ",".join(_check_left(_json(prev / "check.json"), ops, timed=False)),
         "TESTS": None if tests is None else " ".join(tests),

@@ -27,8 +27,9 @@ import sys
 def _key(fn, args: tuple, kwargs: dict) -> tuple:
     from triton.runtime.jit import mangle_type
 
-    params = inspect.signature(fn).parameters
-    bound = inspect.signature(fn).bind_partial(*args, **{k: v for k, v in kwargs.items() if k in params})
+    signature = inspect.signature(fn)
+    params = signature.parameters
+    bound = signature.bind_partial(*args, **{k: v for k, v in kwargs.items() if k in params})
     key = []
     for name, param in params.items():
         if name not in bound.arguments:

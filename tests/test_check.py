@@ -377,6 +377,7 @@ def _previous_gpu_run(out: Path) -> Path:
     """The files of a gpu_check.sh run that timed one case, failed kl in the headline check, did not
     time bn_lrelu in bf16, never reached the full check, and was cut short in the tests."""
     out.mkdir()
+    (out / "step.log").write_text("# step cases: r34_r18_32px_b256 r50_r18_224px_b64\n")
     (out / "step.json").write_text(json.dumps({"r34_r18_32px_b256": {}}))
     rows = [{"kind": "correctness", "op": op, "dtype": dt, "ok": op != "kl"} for op in CASES
             for dt in ("float32", "bfloat16")]
@@ -409,7 +410,7 @@ def test_gpu_check_rehearsed_on_cpu(tmp_path):
     assert {(r["op"], r["kind"]) for r in full["results"]} == {("bn_lrelu", "correctness")}
     assert "passed" in (out / "pytest.log").read_text()
     steps, _ = _gpu_steps("gpu_recheck.sh", str(out), str(tmp_path / "again"))
-    assert steps == ["build", "step r34_r18_32px_b256", "step r50_r18_224px_b64", "headline", "check"]  # not tests
+    assert steps == ["build", "headline", "check"]  # the case it ran and its tests passed: not again
 
 
 def test_what_a_gpu_run_left_to_do(tmp_path):
@@ -421,7 +422,8 @@ def test_what_a_gpu_run_left_to_do(tmp_path):
     todo = left_to_do(_previous_gpu_run(tmp_path / "prev"), tuple(CASES))
     assert todo == {"STEP_CASES": "r50_r18_224px_b64", "HEADLINE_OPS": "kl,bn_lrelu", "CHECK_OPS": ",".join(CASES),
                     "TESTS": "tests/test_a.py::test_y tests/test_b.py::test_z[cuda] tests/test_c.py"}
-    assert left_to_do(tmp_path / "nothing", ("kl",))["TESTS"] is None  # tests never started: all of them
+    never = left_to_do(tmp_path / "nothing", ("kl",))  # nothing started: every step whole
+    assert never["TESTS"] is None and never["STEP_CASES"] is None and never["HEADLINE_OPS"] == "kl"
 
 
 def test_gpu_recheck_reruns_only_what_failed(tmp_path):
